@@ -92,6 +92,9 @@ class TrainingConfig:
     train_iterations: int = 200
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    # sequences per optimizer step over all data-parallel ranks; 0 = micro_batch_size *
+    # gradient_accumulation_steps * dp. When set, gradient_accumulation_steps is derived from it.
+    global_batch_size: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -181,9 +184,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def parse_value(text: str) -> Any:
     """Parse an override's value with YAML rules (``1e-3`` -> float, ``true`` -> bool, ``[a,b]`` -> list)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
@@ -250,6 +259,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # "3e-4" in a YAML file is a string in YAML 1.1
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
         return float(value)
@@ -315,6 +329,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for name in ("train_iterations", "micro_batch_size", "gradient_accumulation_steps", "save_interval",
                  "log_interval", "eval_interval"):
         positive(tr, name, "training")
+    if tr.global_batch_size < 0 or tr.global_batch_size % tr.micro_batch_size:
+        bad("training.global_batch_size",
+            f"({tr.global_batch_size}) must be 0 or a positive multiple of training.micro_batch_size ({tr.micro_batch_size})")
     if tr.eval_iterations < 0:
         bad("training.eval_iterations", f"must be >= 0, got {tr.eval_iterations}")
     if tr.lr <= 0:

@@ -22,6 +22,9 @@ class Batch:
     document_ids: torch.Tensor  # [B, S] int64, block-causal attention: attend only within equal ids
     loss_weights: torch.Tensor  # [B, S] float32; 0 on padding, has_loss in finetuning
     target_bytes: torch.Tensor | None = None  # [B, S] int64: UTF-8 bytes of each target unit (bits/byte)
+    # [B][S] surface strings of the target units (words for T-Free) where weight > 0; feeds the
+    # training word counter behind the decode dictionary. Not moved by .to().
+    target_units: list[list[str]] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
