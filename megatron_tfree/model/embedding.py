@@ -1,0 +1,115 @@
+"""Input embeddings, output heads and losses: the only place the T-Free and classic models differ.
+
+Both kinds share one interface, so the model and the trainer never branch on the tokenizer kind::
+
+    hidden = embedding(batch)          # [B, S, h]
+    logits = head(hidden)              # [B, S, v]
+    loss = head.loss(logits, batch)    # scalar (float32)
+
+* T-Free (spec section 3): the input of a position is the sum of the embedding rows of all its ids
+  (:func:`megatron_tfree.ops.embedding_bag`); the head is an untied bias-free linear ``h -> v``; the
+  loss is :func:`megatron_tfree.ops.tfree_bce_loss` with ``model.loss_pos_weight`` and
+  ``model.loss_scale`` (mean over ``B * S * v``, padding counted in the denominator).
+* classic: one id per CSR row, an embedding lookup; untied bias-free head; weighted-mean
+  cross-entropy (:func:`megatron_tfree.ops.cross_entropy_loss`, padding-invariant). Every target
+  row must hold exactly one id (padding positions too, with weight 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..config import ModelConfig
+from ..data.batch import Batch
+from .transformer import InitMethod, column_linear, init_method_normal, init_stds
+
+KINDS = ("tfree", "classic")
+
+
+class _Embedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, init_method: InitMethod):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        init_method(self.weight)
+
+
+class TFreeEmbedding(_Embedding):
+    """``E [v, h]``; a position's input is the sum of the rows of its CSR ids (repeats count)."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        B, S = batch.shape
+        out = ops.embedding_bag(self.weight, batch.input_offsets, batch.input_ids)
+        return out.view(B, S, self.hidden_size)
+
+
+class ClassicEmbedding(_Embedding):
+    """Token embedding lookup of the single id of every CSR row."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        B, S = batch.shape
+        if batch.input_ids.numel() != B * S:
+            raise ValueError(f"classic model: expected one input id per position ({B * S}), "
+                             f"got {batch.input_ids.numel()}")
+        return F.embedding(batch.input_ids.long(), self.weight).view(B, S, self.hidden_size)
+
+
+class _Head(nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.linear = column_linear(hidden_size, vocab_size, init_method)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., h] -> [..., v]`` logits (in the hidden dtype)."""
+        return self.linear(hidden)
+
+
+class TFreeHead(_Head):
+    """Bias-free ``h -> v`` (untied) with the multi-label BCE loss of spec section 3."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod, pos_weight: float, loss_scale: float):
+        super().__init__(hidden_size, vocab_size, init_method)
+        self.pos_weight = pos_weight
+        self.loss_scale = loss_scale
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return ops.tfree_bce_loss(
+            logits.reshape(-1, logits.shape[-1]), batch.target_offsets, batch.target_ids,
+            batch.loss_weights.reshape(-1), self.pos_weight, self.loss_scale,
+        )
+
+
+class ClassicHead(_Head):
+    """Bias-free ``h -> V`` (untied) with weighted-mean cross-entropy."""
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        n = batch.loss_weights.numel()
+        if batch.target_ids.numel() != n:
+            raise ValueError(f"classic model: expected one target id per position ({n}), got {batch.target_ids.numel()}")
+        return ops.cross_entropy_loss(logits.reshape(n, -1), batch.target_ids, batch.loss_weights.reshape(-1))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
+
+
+def build_embedding(cfg: ModelConfig, kind: str, vocab_size: int) -> nn.Module:
+    """The input embedding for ``kind`` (``tfree`` or ``classic``), initialised per ``cfg.init``."""
+    _check_kind(kind)
+    cls = TFreeEmbedding if kind == "tfree" else ClassicEmbedding
+    return cls(vocab_size, cfg.hidden_size, init_method_normal(init_stds(cfg)[0]))
+
+
+def build_head(cfg: ModelConfig, kind: str, vocab_size: int) -> nn.Module:
+    """The output head (with its ``loss``) for ``kind``, initialised per ``cfg.init``."""
+    _check_kind(kind)
+    init = init_method_normal(init_stds(cfg)[0])
+    if kind == "tfree":
+        return TFreeHead(cfg.hidden_size, vocab_size, init, cfg.loss_pos_weight, cfg.loss_scale)
+    return ClassicHead(cfg.hidden_size, vocab_size, init)

@@ -1,0 +1,144 @@
+"""The GPT model: embedding -> transformer blocks -> final norm + head, and its loss.
+
+    model = GPTModel(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed)
+    loss = model.loss(batch)                          # training
+    logits = model(batch)                             # [B, S, v]
+
+    cache = model.new_kv_cache()                      # inference: incremental decoding
+    logits = model(prompt_batch, kv_cache=cache)      # prompt, positions 0..P-1
+    logits = model(next_batch, kv_cache=cache)        # one more position per row, position P, ...
+
+The model is defined once as an ordered list of stages (:meth:`GPTModel.layers`): the embedding,
+``num_layers`` :class:`TransformerBlock` s and the :class:`OutputLayer` (final norm + head). A
+pipeline-parallel wrapper builds DeepSpeed layer specs from the same classes. Each stage is
+initialised from its own seed derived from ``(seed, stage index)``, so a stage's weights do not
+depend on which other stages a process builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from ..data.batch import Batch
+from .embedding import build_embedding, build_head
+from .transformer import KVCache, RMSNorm, TransformerBlock, build_attention_meta
+
+
+@contextlib.contextmanager
+def seeded(seed: int, stage_index: int) -> Iterator[None]:
+    """Run the block with the CPU RNG seeded from ``(seed, stage_index)``; the global RNG state is
+    restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + stage_index) % (2**63))
+        yield
+
+
+class OutputLayer(nn.Module):
+    """Final RMSNorm + head; ``loss`` delegates to the head (T-Free BCE or classic CE)."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, vocab_size: int):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.head = build_head(cfg, kind, vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.head.loss(logits, batch)
+
+
+class GPTModel(nn.Module):
+    """Decoder-only LM for ``tokenizer_kind`` ``tfree`` or ``classic``.
+
+    Args:
+        model_cfg: architecture (:class:`ModelConfig`).
+        tokenizer_kind: ``tfree`` (embedding-bag input, BCE multi-label loss) or ``classic``.
+        vocab_size: rows of the embedding / columns of the head.
+        seed: initialisation seed (same seed -> same weights); ``None`` draws one from torch's global
+            RNG, so ``torch.manual_seed`` before construction is deterministic too.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, tokenizer_kind: str, vocab_size: int, seed: Optional[int] = None):
+        super().__init__()
+        self.cfg = model_cfg
+        self.tokenizer_kind = tokenizer_kind
+        self.vocab_size = vocab_size
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        L = model_cfg.num_layers
+        with seeded(seed, 0):
+            self.embedding = build_embedding(model_cfg, tokenizer_kind, vocab_size)
+        blocks = []
+        for i in range(L):
+            with seeded(seed, i + 1):
+                blocks.append(TransformerBlock(model_cfg, i))
+        self.blocks = nn.ModuleList(blocks)
+        with seeded(seed, L + 1):
+            self.output = OutputLayer(model_cfg, tokenizer_kind, vocab_size)
+
+    def layers(self) -> list[nn.Module]:
+        """The stages in order: embedding, block_0 .. block_{L-1}, output (final norm + head)."""
+        return [self.embedding, *self.blocks, self.output]
+
+    @staticmethod
+    def new_kv_cache() -> KVCache:
+        return KVCache()
+
+    def forward(self, batch: Batch, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits ``[B, S, v]``. Only the input fields, ``position_ids`` and ``document_ids`` of ``batch``
+        are read. With ``kv_cache`` the batch holds the new positions only (continuing positions); their
+        keys/values are appended to the cache."""
+        hidden = self.embedding(batch)
+        meta = build_attention_meta(batch.position_ids, batch.document_ids, hidden.dtype, self.cfg.attention, kv_cache)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training and kv_cache is None:
+                hidden = checkpoint(block, hidden, meta, use_reentrant=False)
+            else:
+                hidden = block(hidden, meta, kv_cache)
+        return self.output(hidden)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The scalar training loss of ``logits`` (float32; see :mod:`megatron_tfree.model.embedding`)."""
+        return self.output.loss(logits, batch)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """``loss_from_logits(forward(batch), batch)``."""
+        return self.loss_from_logits(self.forward(batch), batch)
+
+
+def make_input_batch(input_offsets: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                     document_ids: Optional[torch.Tensor] = None) -> Batch:
+    """A :class:`Batch` for inference: inputs only (empty targets, zero loss weights).
+
+    ``document_ids`` defaults to zeros (one document per row)."""
+    B, S = position_ids.shape
+    device = position_ids.device
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return Batch(
+        input_offsets=input_offsets,
+        input_ids=input_ids,
+        target_offsets=torch.zeros(B * S + 1, dtype=torch.long, device=device),
+        target_ids=empty,
+        position_ids=position_ids,
+        document_ids=torch.zeros_like(position_ids) if document_ids is None else document_ids,
+        loss_weights=torch.zeros(B, S, dtype=torch.float32, device=device),
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: weight decay on matrices (linears, embedding), none on norm weights
+    and biases (every parameter with fewer than 2 dimensions). Empty groups are left out."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
