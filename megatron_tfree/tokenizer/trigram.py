@@ -30,8 +30,7 @@ ids ``i < m-k`` are ``H(f"{w}_{i}") % v`` and the last ``k`` are ``H(f"{w.lower(
 
 Caching: trigram rows and word id arrays are kept in dicts holding at most ``cache_size`` entries
 each; a full cache is emptied and refilled (cheap, and no per-lookup LRU bookkeeping on the hot path).
-Word arrays live in one flat int32 pool, so encoding a cached text is a dict lookup per word plus a
-vectorised numpy gather that builds the CSR directly.
+A cached word is its int32 ids as raw bytes, so the CSR indices of a text are one ``join`` of them.
 """
 
 from __future__ import annotations
@@ -340,14 +339,10 @@ class TrigramTokenizer(Tokenizer):
                 out.append(np.concatenate([tri_row[t] for t in tris]))
         return out
 
-    # ------------------------------------------------------------------ word cache (flat pool)
+    # ------------------------------------------------------------------ caches
     def _reset_caches(self) -> None:
         self._trigram_cache: dict[bytes, np.ndarray] = {}
-        self._word_index: dict[str, int] = {}
-        self._pool = np.zeros(1 << 16, dtype=ID_DTYPE)
-        self._pool_used = 0
-        self._starts = np.zeros(1 << 12, dtype=OFFSET_DTYPE)
-        self._lens = np.zeros(1 << 12, dtype=OFFSET_DTYPE)
+        self._word_cache: dict[str, bytes] = {}  # word -> its int32 ids as raw bytes
 
     def clear_cache(self) -> None:
         """Forget all cached trigram rows and word arrays."""
@@ -355,64 +350,35 @@ class TrigramTokenizer(Tokenizer):
 
     @property
     def cached_words(self) -> int:
-        return len(self._word_index)
+        return len(self._word_cache)
 
     @property
     def cached_trigrams(self) -> int:
         return len(self._trigram_cache)
 
-    def _add_words(self, words: Sequence[str]) -> None:
-        rows = self._compute_word_rows(words)
-        lens = np.fromiter((len(r) for r in rows), dtype=OFFSET_DTYPE, count=len(rows))
-        need = self._pool_used + int(lens.sum())
-        if need > len(self._pool):
-            self._pool = np.concatenate([self._pool, np.zeros(max(need, 2 * len(self._pool)) - len(self._pool), ID_DTYPE)])
-        first = len(self._word_index)
-        if first + len(words) > len(self._starts):
-            grow = max(first + len(words), 2 * len(self._starts)) - len(self._starts)
-            self._starts = np.concatenate([self._starts, np.zeros(grow, OFFSET_DTYPE)])
-            self._lens = np.concatenate([self._lens, np.zeros(grow, OFFSET_DTYPE)])
-        starts = self._pool_used + np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(OFFSET_DTYPE)
-        if rows:
-            self._pool[self._pool_used : need] = np.concatenate(rows)
-        self._starts[first : first + len(words)] = starts
-        self._lens[first : first + len(words)] = lens
-        self._pool_used = need
-        index = self._word_index
-        for i, w in enumerate(words, start=first):
-            index[w] = i
-
-    def _gather(self, wids: np.ndarray) -> SparseIds:
-        lens = self._lens[wids]
-        offsets = np.zeros(len(wids) + 1, dtype=OFFSET_DTYPE)
-        np.cumsum(lens, out=offsets[1:])
-        total = int(offsets[-1])
-        idx = np.repeat(self._starts[wids] - offsets[:-1], lens) + np.arange(total, dtype=OFFSET_DTYPE)
-        return SparseIds(offsets, self._pool[idx])
-
     # ------------------------------------------------------------------ public encoding
     def encode_units(self, units: Sequence[str]) -> SparseIds:
-        """CSR ids of already split words (row i = word i's trigram rows back to back)."""
+        """CSR ids of already split words (row i = word i's trigram rows back to back).
+
+        Hot path: one dict lookup per word for its cached raw int32 bytes, one ``bytearray.join``
+        for the indices and a cumulative sum for the offsets.
+        """
         if isinstance(units, str):
             raise TypeError("encode_units takes a list of words, not a str (use encode for text)")
-        units = list(units)
-        if not units:
-            return SparseIds(np.zeros(1, dtype=OFFSET_DTYPE), np.zeros(0, dtype=ID_DTYPE))
-        get = self._word_index.get
-        wids = [get(w, -1) for w in units]
-        if -1 in wids:
-            missing = list(dict.fromkeys(w for w, i in zip(units, wids) if i < 0))
-            if len(self._word_index) + len(missing) > self.cache_size:
-                self._word_index = {}
-                self._pool_used = 0
-                missing = list(dict.fromkeys(units))
-                if len(missing) > self.cache_size:  # one call larger than the cache: no caching
-                    rows = dict(zip(missing, self._compute_word_rows(missing)))
-                    return SparseIds.from_rows([rows[w] for w in units])
-            self._add_words(missing)
-            get = self._word_index.get
-            wids = [get(w) for w in units]
-        return self._gather(np.asarray(wids, dtype=np.int64))
+        cache = self._word_cache
+        rows = list(map(cache.get, units))
+        if None in rows:
+            missing = list(dict.fromkeys(w for w, r in zip(units, rows) if r is None))
+            new = {w: r.tobytes() for w, r in zip(missing, self._compute_word_rows(missing))}
+            rows = [new[w] if r is None else r for w, r in zip(units, rows)]
+            if len(cache) + len(new) > self.cache_size:
+                cache.clear()
+            if len(new) <= self.cache_size:
+                cache.update(new)
+        offsets = np.zeros(len(rows) + 1, dtype=OFFSET_DTYPE)
+        np.cumsum(np.fromiter(map(len, rows), dtype=OFFSET_DTYPE, count=len(rows)), out=offsets[1:])
+        offsets >>= 2  # bytes -> int32 ids
+        return SparseIds(offsets, np.frombuffer(bytearray().join(rows), dtype=ID_DTYPE))
 
     def encode(self, text: str) -> Encoding:
         """Split ``text`` into words (spec section 1) and give each its ids."""
