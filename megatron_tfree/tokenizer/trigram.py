@@ -36,6 +36,7 @@ A cached word is its int32 ids as raw bytes, so the CSR indices of a text are on
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -198,6 +199,9 @@ class TrigramTokenizer(Tokenizer):
         kind = cfg.pop("kind", None)
         if kind != cls.kind:
             raise ValueError(f"{path} holds a {kind!r} tokenizer, not {cls.kind!r}")
+        unknown = sorted(set(cfg) - set(inspect.signature(cls.__init__).parameters))
+        if unknown:
+            raise ValueError(f"{path}: unknown tokenizer settings {unknown}")
         return cls(**cfg)
 
     def __getstate__(self) -> dict[str, Any]:  # pickling (DataLoader workers) skips the caches
@@ -365,6 +369,8 @@ class TrigramTokenizer(Tokenizer):
         """
         if isinstance(units, str):
             raise TypeError("encode_units takes a list of words, not a str (use encode for text)")
+        if not isinstance(units, (list, tuple)):
+            units = list(units)
         cache = self._word_cache
         rows = list(map(cache.get, units))
         if None in rows:

@@ -4,6 +4,7 @@ import hashlib
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,7 +80,7 @@ def test_stable_across_instances_and_processes():
         "from megatron_tfree.tokenizer.trigram import TrigramTokenizer as T;"
         "print(T(vocab_size=8192, vocab_population=10).word_row('Stability').tolist())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2], env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert a == b == eval(out.stdout)
 
 
@@ -170,6 +171,7 @@ def test_csr_encode_units_equals_per_word_rows():
         assert ids.row(i).tolist() == ref.word_row(w).tolist()
         assert np.unique(ids.row(i)).tolist() == ref.word_ids(w)
     assert len(tok.encode_units([])) == 0
+    assert tok.encode_units(iter(words)).indices.tolist() == ids.indices.tolist()
     with pytest.raises(TypeError):
         tok.encode_units("not a list")
     with pytest.raises(TypeError):
@@ -213,6 +215,9 @@ def test_save_load_from_config(tmp_path):
     assert (ft.vocab_size, ft.vocab_population, ft.end_of_text, ft.kind) == (1234, 5, "<|endoftext|>", "tfree")
     with pytest.raises(FileNotFoundError):
         TrigramTokenizer.load(tmp_path / "missing")
+    (tmp_path / "tokenizer_config.json").write_text('{"kind": "tfree", "vocab_size": 10, "colour": 1}')
+    with pytest.raises(ValueError, match="colour"):
+        TrigramTokenizer.load(tmp_path)
 
 
 @pytest.mark.parametrize(
