@@ -29,6 +29,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-tfree-prepare-data=megatron_tfree.data.convert:main",
+            "megatron-tfree-train=megatron_tfree.train:main",
         ],
     },
 )

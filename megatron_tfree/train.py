@@ -1,0 +1,69 @@
+"""Train a T-Free (or classic-tokenizer) model: ``python -m megatron_tfree.train --config CFG [overrides]``.
+
+    python -m megatron_tfree.train --config configs/tiny.yaml training.train_iterations=50
+    torchrun --nproc_per_node 2 -m megatron_tfree.train --config configs/tiny.yaml parallel.zero_stage=2
+    deepspeed --num_gpus 2 megatron_tfree/train.py --config configs/tiny.yaml
+
+Overrides are ``section.key=value`` (YAML values). The run resumes from ``training.load_dir`` or
+``{training.save_dir}/latest`` when present. The process group is torn down before exit (barrier,
+drop the engine, gc, destroy) so gloo does not abort the interpreter at shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megatron-tfree-train",
+        description="Train a T-Free or classic-tokenizer GPT model with DeepSpeed.",
+        epilog="Example: megatron-tfree-train --config configs/tiny.yaml training.train_iterations=20 "
+               "model.hidden_size=128",
+    )
+    p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. training.lr=3e-4 parallel.zero_stage=2")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from megatron_tfree.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megatron-tfree-train: {e}", file=sys.stderr)
+        return 2
+
+    from megatron_tfree.training.engine import teardown
+    from megatron_tfree.training.loop import train
+
+    try:
+        result = train(cfg)
+    except BaseException:
+        gc.collect()
+        teardown(barrier=False)
+        raise
+    gc.collect()
+    teardown()
+    if result.last_eval:
+        print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in result.last_eval.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

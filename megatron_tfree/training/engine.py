@@ -1,0 +1,185 @@
+"""The DeepSpeed engine, built from our :class:`~megatron_tfree.config.Config` even on one process.
+
+* :func:`init_distributed` brings up ``torch.distributed`` (gloo on CPU, nccl on GPU) through
+  DeepSpeed. It honours torchrun / the deepspeed launcher (``RANK``, ``WORLD_SIZE``, ...) and SLURM
+  (``SLURM_PROCID``, ...); with no launcher it sets single-process defaults so plain
+  ``python -m megatron_tfree.train`` works. DeepSpeed's shm comm op (a ~30 s C++ build on CPU) is
+  skipped.
+* :func:`deepspeed_config` turns the config into DeepSpeed's JSON dict.
+* :func:`build_engine` makes a torch AdamW (:class:`GuardedAdamW`) from the model's parameter groups,
+  our LR schedule, and calls ``deepspeed.initialize``.
+* :func:`teardown` ends a run without the gloo abort at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_tfree.config import Config, ConfigError
+from megatron_tfree.training.schedule import WarmupDecayLR
+
+
+# --------------------------------------------------------------------------------------------------
+# process group
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (for single-process runs and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_defaults() -> None:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM or single-process defaults."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env:
+            if "SLURM_LAUNCH_NODE_IPADDR" not in env:
+                raise RuntimeError("SLURM run: set MASTER_ADDR to the first node's address "
+                                   "(e.g. MASTER_ADDR=$(scontrol show hostnames | head -n1))")
+            env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
+        # every task must agree on the port: derive it from the job id
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if int(env["WORLD_SIZE"]) > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: start the run with torchrun, "
+                               "the deepspeed launcher or srun")
+        env["MASTER_PORT"] = str(free_port())
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed once (idempotent) and return ``(rank, world_size)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    _env_defaults()
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the module object whose build_shm_op we replace)
+
+    # The shm comm op only speeds up intra-node CPU all-reduce; building it costs ~30 s per machine.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def data_parallel_info(cfg: Config) -> tuple[int, int]:
+    """``(dp_rank, dp_world)`` of this process: world / (tensor * pipe) data-parallel replicas."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model_parallel = cfg.parallel.tensor * cfg.parallel.pipe
+    if world % model_parallel:
+        raise ConfigError(f"world size {world} is not divisible by parallel.tensor * parallel.pipe "
+                          f"({cfg.parallel.tensor} * {cfg.parallel.pipe})")
+    if model_parallel > 1:
+        raise ConfigError("parallel.tensor / parallel.pipe > 1 are not wired into the trainer yet; "
+                          "use data parallelism with ZeRO (parallel.zero_stage)")
+    return rank, world
+
+
+def teardown(barrier: bool = True) -> None:
+    """End a distributed run cleanly: barrier, gc (the caller has dropped its engine/optimizer
+    references), destroy the process group. Without this torch's gloo can abort the process at
+    interpreter exit (SIGABRT) after the run. ``barrier=False`` after an error (a peer may be gone).
+    """
+    if barrier and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed config, optimizer, engine
+# --------------------------------------------------------------------------------------------------
+
+
+def gradient_accumulation_steps(cfg: Config, dp_world: int) -> int:
+    """``training.gradient_accumulation_steps``, or global / (micro * dp) when global_batch_size is set."""
+    t = cfg.training
+    if not t.global_batch_size:
+        return t.gradient_accumulation_steps
+    per_step = t.micro_batch_size * dp_world
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+            f"training.micro_batch_size ({t.micro_batch_size}) * data-parallel size ({dp_world})")
+    return t.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: Config, dp_world: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config equivalent to ``cfg`` for ``dp_world`` data-parallel ranks."""
+    t = cfg.training
+    gas = gradient_accumulation_steps(cfg, dp_world)
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": t.micro_batch_size * gas * dp_world,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "gradient_clipping": float(t.gradient_clipping),
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        # our optimizer is a torch AdamW subclass, not one of DeepSpeed's listed types
+        "zero_allow_untested_optimizer": True,
+    }
+    if t.precision == "fp16":
+        ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16})
+    return ds
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW whose next update can be vetoed: with ``skip_next = True`` ``step()`` does nothing.
+
+    The trainer sets the flag when a micro-batch of the step had a non-finite loss, so the step
+    leaves parameters and moments untouched (DeepSpeed then discards the gradients as usual) and the
+    LR schedule does not advance (:class:`WarmupDecayLR` reads the same flag).
+    """
+
+    skip_next: bool = False
+
+    def step(self, closure=None):  # noqa: D102
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> GuardedAdamW:
+    """AdamW over ``param_groups(model, weight_decay)`` with the betas/eps/lr of ``cfg.training``."""
+    from megatron_tfree.model import param_groups
+
+    t = cfg.training
+    groups = param_groups(model, t.weight_decay)
+    return GuardedAdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                        weight_decay=t.weight_decay)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module) -> tuple[Any, GuardedAdamW, WarmupDecayLR]:
+    """``deepspeed.initialize`` the model with our optimizer and schedule. Returns (engine, opt, sched)."""
+    import deepspeed
+
+    init_distributed()
+    _, dp_world = data_parallel_info(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = WarmupDecayLR(optimizer, cfg.training)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, dp_world))
+    return engine, optimizer, scheduler

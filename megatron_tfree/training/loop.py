@@ -1,0 +1,268 @@
+"""The training loop: micro-batches through the DeepSpeed engine, skipping non-finite steps, logging,
+evaluation, checkpoints and the word counter behind the decode dictionary.
+
+    result = train(cfg)                   # fresh run, or resumes from training.load_dir / save_dir/latest
+
+One *step* is ``gradient_accumulation_steps`` micro-batches (``engine.backward`` + ``engine.step``
+each; DeepSpeed applies the update on the last). When any micro-batch of the step, on any rank, has
+a non-finite loss the update is vetoed (:class:`~megatron_tfree.training.engine.GuardedAdamW`):
+parameters, optimizer moments and the LR schedule stay put, the step is counted, and more than
+``training.max_skipped_steps`` such steps stop the run with :class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_tfree.config import Config
+from megatron_tfree.training import checkpoint as ckpt
+from megatron_tfree.training.engine import build_engine, data_parallel_info, init_distributed
+from megatron_tfree.training.metrics import PLOT_FILE, MetricsLogger, format_line, plot_loss
+
+# (model, batch, logits) -> (bits, bytes) summed over the positions with loss weight > 0
+BitsFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[float, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """More steps had a non-finite loss than ``training.max_skipped_steps`` allows."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # last step taken
+    losses: dict[int, Optional[float]] = field(default_factory=dict)  # step -> mean loss (None: skipped)
+    skipped_steps: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    save_dir: Path = Path(".")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def classic_bits(model: torch.nn.Module, batch: Any, logits: torch.Tensor) -> tuple[float, float]:
+    """Bits and UTF-8 bytes of the targets of a classic (one id per position) batch: CE in nats summed
+    over weighted positions / ln 2, and the sum of ``batch.target_bytes`` there."""
+    mask = batch.loss_weights.reshape(-1) > 0
+    if batch.target_bytes is None:
+        raise ValueError("bits per byte needs batch.target_bytes")
+    targets = torch.where(mask, batch.target_ids.reshape(-1), torch.zeros_like(batch.target_ids.reshape(-1)))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(mask.numel(), -1).float(), targets, reduction="none")
+    nats = float(ce[mask].sum())
+    return nats / math.log(2), float(batch.target_bytes.reshape(-1)[mask].sum())
+
+
+def bits_per_byte_fn(tokenizer: Any) -> Optional[BitsFn]:
+    """The bits-per-byte estimator for ``tokenizer``'s kind, or None where none exists yet.
+
+    This is the single place where T-Free bits per byte plugs in: its estimate needs the decode
+    dictionary (word probabilities from the head's multi-hot scores); return a :data:`BitsFn` for
+    ``tokenizer.kind == "tfree"`` here and :func:`evaluate` reports it like the classic one.
+    """
+    if tokenizer.kind == "classic":
+        return classic_bits
+    return None
+
+
+def evaluate(engine: Any, cfg: Config, tokenizer: Any, loader: Any) -> dict[str, float]:
+    """Mean held-out loss over ``training.eval_iterations`` micro-batches per rank (weighted by the
+    number of target units, averaged over data-parallel ranks) and, where the tokenizer kind has an
+    estimator (:func:`bits_per_byte_fn`), ``bits_per_byte``."""
+    bits_fn = bits_per_byte_fn(tokenizer)
+    was_training = engine.module.training
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss * weight, weight, bits, bytes
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= cfg.training.eval_iterations:
+                    break
+                logits = engine(batch)
+                loss = engine.module.loss_from_logits(logits, batch)
+                weight = float(batch.loss_weights.sum())
+                sums[0] += float(loss) * weight
+                sums[1] += weight
+                if bits_fn is not None:
+                    bits, nbytes = bits_fn(engine.module, batch, logits)
+                    sums[2] += bits
+                    sums[3] += nbytes
+    finally:
+        engine.train(was_training)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    out = {"eval_loss": float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")}
+    if bits_fn is not None and sums[3] > 0:
+        out["bits_per_byte"] = float(sums[2] / sums[3])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one step
+# --------------------------------------------------------------------------------------------------
+
+
+def _grad_norm_stage0(engine: Any) -> float:
+    """Global gradient norm from ``param.grad`` (plain fp32 without ZeRO, where DeepSpeed keeps none)."""
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def train_step(engine: Any, optimizer: Any, data_iter: Any, gas: int, dp_world: int,
+               word_counts: Counter) -> dict[str, Any]:
+    """Run one optimizer step of ``gas`` micro-batches. Returns loss (mean over micro-batches and
+    ranks; NaN when non-finite), grad_norm, units (target units over all ranks), skipped."""
+    local = torch.zeros(3, dtype=torch.float64)  # non-finite count, loss sum, target units
+    own_norm = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+    grad_norm = None
+    skipped = False
+    for micro in range(gas):
+        batch = next(data_iter)
+        if batch.target_units is not None:
+            word_counts.update(u for row in batch.target_units for u in row if u)
+        logits = engine(batch)
+        loss = engine.module.loss_from_logits(logits, batch)
+        value = float(loss.detach())
+        local[0] += 0.0 if math.isfinite(value) else 1.0
+        local[1] += value
+        local[2] += float((batch.loss_weights > 0).sum())
+        if micro == gas - 1:  # every loss of the step is known: agree across ranks on skipping
+            summed = local.clone()
+            if dist.is_initialized():
+                dist.all_reduce(summed)
+            skipped = bool(summed[0] > 0)
+            optimizer.skip_next = skipped
+        engine.backward(loss)
+        if micro == gas - 1 and own_norm and not skipped:
+            grad_norm = _grad_norm_stage0(engine)
+        engine.step()
+    optimizer.skip_next = False
+    if grad_norm is None and not skipped:
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+    mean_loss = float(summed[1]) / (gas * dp_world)
+    return {"loss": float("nan") if skipped else mean_loss, "grad_norm": grad_norm,
+            "units": float(summed[2]), "skipped": skipped}
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+
+
+def _rank0_first(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0, then on the other ranks (shared caches are built once)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = fn() if rank == 0 else None
+    if dist.is_initialized():
+        dist.barrier()
+    return out if rank == 0 else fn()
+
+
+def _make_tokenizer(cfg: Config, resume: Optional[tuple[Path, str]]) -> Any:
+    from megatron_tfree.tokenizer import build_tokenizer, load_tokenizer
+
+    if resume is not None:
+        return load_tokenizer(resume[0] / resume[1] / ckpt.TOKENIZER_DIR)
+    train_files = None
+    t = cfg.tokenizer
+    if t.kind == "classic" and t.tokenizer_file and not Path(t.tokenizer_file).is_file() and not cfg.data.prefix_paths:
+        from megatron_tfree.data.corpus import default_corpus_text_files
+
+        train_files = default_corpus_text_files(cfg.data.cache_dir or None, split="train")
+    return build_tokenizer(t, train_files=train_files)
+
+
+def train(cfg: Config, stop_after: Optional[int] = None,
+          on_step: Optional[Callable[[int, Any, dict], None]] = None) -> TrainResult:
+    """Train (or resume training) ``cfg`` up to ``training.train_iterations`` steps.
+
+    Args:
+        stop_after: stop (with a checkpoint) once this step is reached, as if the job were
+            interrupted; the schedule still runs to ``train_iterations``.
+        on_step: called as ``on_step(step, engine, record)`` after every step (tests, hooks).
+    """
+    from megatron_tfree.data.dataset import build_dataloader
+    from megatron_tfree.model import GPTModel
+
+    t = cfg.training
+    rank, _ = init_distributed()
+    dp_rank, dp_world = data_parallel_info(cfg)
+    save_dir = Path(t.save_dir)
+    resume = ckpt.find_resume(cfg)
+    tokenizer = _rank0_first(lambda: _make_tokenizer(cfg, resume))
+    model = GPTModel(cfg.model, cfg.tokenizer.kind, tokenizer.vocab_size, seed=t.seed)
+    random.seed(t.seed + rank)
+    np.random.seed((t.seed + rank) % 2**32)
+    torch.manual_seed(t.seed + rank)
+    engine, optimizer, _ = build_engine(cfg, model)
+    gas = engine.gradient_accumulation_steps()
+    state, word_counts = ckpt.TrainerState(world_size=dist.get_world_size()), Counter()
+    truncate = None
+    if resume is not None:
+        state, word_counts = ckpt.load_checkpoint(engine, *resume)
+        state.world_size = dist.get_world_size()
+        if resume[0].resolve() == save_dir.resolve():
+            truncate = state.metrics_position
+    metrics = MetricsLogger(save_dir, enabled=rank == 0, tensorboard=t.tensorboard, truncate_to=truncate)
+    loader = _rank0_first(lambda: build_dataloader(cfg, tokenizer, dp_rank, dp_world, state.consumed_samples,
+                                                   split="train", progress=rank == 0))
+    valid = _rank0_first(lambda: build_dataloader(cfg, tokenizer, dp_rank, dp_world, 0, split="valid",
+                                                  progress=False)) if t.eval_iterations > 0 else None
+    result = TrainResult(step=state.step, skipped_steps=state.skipped_steps, save_dir=save_dir)
+    last = min(t.train_iterations, stop_after) if stop_after else t.train_iterations
+    samples_per_step = t.micro_batch_size * gas * dp_world
+    bar = tqdm(total=t.train_iterations, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    last_bpb: Optional[float] = None
+    try:
+        data_iter = iter(loader)
+        for step in range(state.step + 1, last + 1):
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            out = train_step(engine, optimizer, data_iter, gas, dp_world, word_counts)
+            elapsed = time.perf_counter() - start
+            state.step, state.consumed_samples = step, state.consumed_samples + samples_per_step
+            record = {"step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+                      "words_per_s": out["units"] / elapsed if elapsed > 0 else 0.0,
+                      "consumed_samples": state.consumed_samples, "skipped": out["skipped"]}
+            result.losses[step] = None if out["skipped"] else out["loss"]
+            if out["skipped"]:
+                state.skipped_steps += 1
+                result.skipped_steps = state.skipped_steps
+                if state.skipped_steps > t.max_skipped_steps:
+                    metrics.log(record)
+                    raise NonFiniteLossError(
+                        f"step {step}: {state.skipped_steps} steps with a non-finite loss exceed "
+                        f"training.max_skipped_steps={t.max_skipped_steps}; lower training.lr or check the data")
+            if valid is not None and (step % t.eval_interval == 0 or step == last):
+                result.last_eval = evaluate(engine, cfg, tokenizer, valid)
+                record.update(result.last_eval)
+                last_bpb = result.last_eval.get("bits_per_byte", last_bpb)
+            metrics.log(record)
+            if rank == 0 and (step % t.log_interval == 0 or step == last or "eval_loss" in record):
+                bar.write(format_line(record, t.train_iterations, last_bpb))
+            bar.update(1)
+            result.step = step
+            if on_step is not None:
+                on_step(step, engine, record)
+            if step % t.save_interval == 0 or step == last:
+                state.metrics_position = metrics.position()
+                ckpt.save_checkpoint(engine, cfg, tokenizer, state, word_counts)
+    finally:
+        bar.close()
+        metrics.close()
+    if rank == 0 and (save_dir / "metrics.jsonl").is_file():
+        plot_loss(save_dir / "metrics.jsonl", save_dir / PLOT_FILE)
+    del engine, optimizer, model
+    return result

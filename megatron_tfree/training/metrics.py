@@ -1,0 +1,136 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per step), TensorBoard scalars, console lines, a plot.
+
+Only rank 0 writes. ``metrics.jsonl`` is the source of truth: the plot (``loss.png``) is drawn from it
+at the end of a run, and a checkpoint stores the file's byte length (its *position*) so a resumed run
+first truncates lines written after that checkpoint and never duplicates a step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+EVAL_KEYS = ("eval_loss", "bits_per_byte")
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become ``null`` (JSON has no NaN/inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    """Appends step records to ``{save_dir}/metrics.jsonl`` and mirrors numbers to TensorBoard.
+
+    Args:
+        save_dir: the run directory (``training.save_dir``).
+        enabled: False on every rank but 0 (all methods become no-ops).
+        tensorboard: also write TensorBoard scalars under ``{save_dir}/tensorboard``.
+        truncate_to: byte length to cut ``metrics.jsonl`` back to (the position stored in the
+            checkpoint being resumed); None keeps the file as it is.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 truncate_to: Optional[int] = None) -> None:
+        self.path = Path(save_dir) / METRICS_FILE
+        self.enabled = enabled
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_to is not None and self.path.exists() and self.path.stat().st_size > truncate_to:
+            with open(self.path, "r+b") as f:
+                f.truncate(truncate_to)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(save_dir) / TENSORBOARD_DIR))
+
+    def position(self) -> int:
+        """Current byte length of ``metrics.jsonl`` (stored in checkpoints)."""
+        if not self.enabled:
+            return 0
+        self._file.flush()
+        return self.path.stat().st_size
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (must hold ``step``) as one JSON line; numeric fields go to TensorBoard."""
+        if not self.enabled:
+            return
+        clean = {k: _json_safe(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(record["step"])
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    section = "eval" if key in EVAL_KEYS else "train"
+                    self._tb.add_scalar(f"{section}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_line(record: dict[str, Any], total_steps: int, last_bpb: Optional[float] = None) -> str:
+    """The console line of one step: step, loss, bits/byte (when evaluated), words/s, lr, grad norm."""
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+    parts = [f"step {record['step']}/{total_steps}", f"loss {num(record.get('loss'), '.4f')}"]
+    if record.get("eval_loss") is not None:
+        parts.append(f"eval_loss {num(record['eval_loss'], '.4f')}")
+    if last_bpb is not None:
+        parts.append(f"bits/byte {num(last_bpb, '.4f')}")
+    parts += [f"words/s {num(record.get('words_per_s'), '.0f')}", f"lr {num(record.get('lr'), '.3e')}",
+              f"grad_norm {num(record.get('grad_norm'), '.3f')}"]
+    if record.get("skipped"):
+        parts.append("SKIPPED (non-finite loss)")
+    return " | ".join(parts)
+
+
+def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Draw training loss (and eval loss where present) over steps from ``metrics.jsonl`` into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out_path)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
