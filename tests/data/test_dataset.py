@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from megatron_tfree.data.dataset import (FinetuningDataset, PretrainingDataset, 
                                          build_dataset, collate, positions_and_documents)
 from megatron_tfree.data.memory_map import MemoryMap, MemoryMapBuilder
 from megatron_tfree.data.sampler import ResumableSampler
+from megatron_tfree.data.unit_bytes import unit_byte_counts
 from megatron_tfree.tokenizer.classic import ClassicTokenizer
 from megatron_tfree.tokenizer.trigram import TrigramTokenizer
 
@@ -288,3 +291,21 @@ def test_build_dataset_errors_name_the_key(tmp_path, tok, instruct):
     mm, _ = instruct
     ds = build_dataset(_cfg(mm.prefix, finetuning=True), tok)
     assert isinstance(ds, FinetuningDataset) and len(ds) == 3
+
+
+def test_worker_processes_give_the_same_batches(corpus, tok):
+    prefix, _ = corpus
+    main = build_dataloader(_cfg(prefix), tok, 0, 1, 4, progress=False)
+    workers = build_dataloader(_cfg(prefix, num_workers=1), tok, 0, 1, 4, progress=False)
+    for a, b, _ in zip(main, workers, range(3)):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.target_bytes, b.target_bytes)
+        assert a.target_units == b.target_units
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab Zé1.,!?-_'\"()<|>\n\t ")), max_size=40))
+def test_unit_byte_counts_telescope_to_the_text_length(text):
+    tok = TrigramTokenizer(vocab_size=64, vocab_population=2)
+    enc = tok.encode(text)
+    counts = unit_byte_counts(tok, enc.units, [None] + enc.units[:-1])
+    assert (counts >= 0).all() and int(counts.sum()) == len(text.encode("utf-8"))
