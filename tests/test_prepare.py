@@ -18,8 +18,8 @@ def test_measure_counts_units_and_fertility():
     assert abs(stats.fertility - 7 / 3) < 1e-12
     # every unit has at least m ids (a special word exactly m)
     assert stats.ids >= 7 * 4
-    table = format_stats(stats, hidden_size=64, baseline_vocab=64000)
-    assert "fertility" in table and "0.8% of a 64k" in table  # 512 / 64000 = 0.8%
+    table = format_stats(stats, hidden_size=64, baseline_vocab=65536)
+    assert "fertility" in table and "0.8% of a 64k" in table  # 512 / 65536 = 0.78%
 
 
 def test_prepare_on_local_prefixes_writes_json(tmp_path):

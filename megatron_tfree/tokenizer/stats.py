@@ -60,7 +60,7 @@ def measure(tokenizer: Tokenizer, texts: Iterable[str]) -> TokenizerStats:
     return TokenizerStats(tokenizer.kind, tokenizer.vocab_size, docs, nbytes, ws_words, units, len(distinct), ids)
 
 
-def format_stats(s: TokenizerStats, hidden_size: int, baseline_vocab: int = 64000) -> str:
+def format_stats(s: TokenizerStats, hidden_size: int, baseline_vocab: int = 65536) -> str:
     """A small table; the last line compares embedding+head size with a ``baseline_vocab`` vocabulary."""
     rows = [
         ("tokenizer", f"{s.kind} (vocab {s.vocab_size:,})"),
@@ -76,6 +76,6 @@ def format_stats(s: TokenizerStats, hidden_size: int, baseline_vocab: int = 6400
     ours = s.embedding_head_params(hidden_size)
     base = 2 * baseline_vocab * hidden_size
     rows.append((f"embedding+head params (h={hidden_size})",
-                 f"{ours:,} = {ours / base:.1%} of a {baseline_vocab // 1000}k vocabulary's {base:,}"))
+                 f"{ours:,} = {ours / base:.1%} of a {baseline_vocab // 1024}k vocabulary's {base:,}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
