@@ -226,6 +226,16 @@ class DecodeDictionary:
         d._tokenizer = tok
         return d
 
+    def added_since(self, base: "DecodeDictionary") -> "DecodeDictionary":
+        """The words this dictionary adds to ``base`` (it must come from ``base.add_words``), as a
+        dictionary of their own: ``score`` of ``self`` == ``score`` of base and of this, concatenated."""
+        k = len(base._blocks)
+        if self._blocks[:k] != base._blocks:
+            raise ValueError("added_since: this dictionary does not extend the given base")
+        d = DecodeDictionary(self._blocks[k:], self.vocab_size, self.vocab_population, self.tokenizer_config)
+        d._tokenizer = self._tokenizer
+        return d
+
     def attach(self, tokenizer: Any) -> "DecodeDictionary":
         """Use ``tokenizer`` for :meth:`add_words`; raises if its settings differ from the dictionary's."""
         if _tokenizer_fingerprint(tokenizer) != self.tokenizer_config:
