@@ -12,6 +12,9 @@ Layout of ``{save_dir}``::
         word_counts.json         target words seen in training so far (all ranks summed)
     metrics.jsonl, loss.png, tensorboard/
 
+DeepSpeed's own ``.pt`` files are loaded with ``torch.load(weights_only=True)`` too
+(:func:`_weights_only_loads`), allowing just the few DeepSpeed classes its optimizer states contain.
+
 Order of a save: every rank writes its DeepSpeed shards and RNG file, rank 0 the rest; a barrier;
 then rank 0 replaces ``latest`` atomically (temp file + ``os.replace``). A crash anywhere before
 that leaves ``latest`` on the previous checkpoint, which stays loadable. Nothing here unpickles:
@@ -192,6 +195,35 @@ def find_resume(cfg: Any) -> Optional[tuple[Path, str]]:
     return (Path(t.save_dir), tag) if tag is not None else None
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """The DeepSpeed classes its checkpoints pickle (loss scalers, ZeRO stage enum, fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _weights_only_loads:
+    """Within the block, ``engine.checkpoint_engine.load`` uses ``torch.load(weights_only=True)``."""
+
+    def __init__(self, engine: Any) -> None:
+        self.target = engine.checkpoint_engine
+        self.files: list[str] = []  # what was loaded (tests check every file went through here)
+
+    def _load(self, path: str, map_location: Any = None) -> Any:
+        self.files.append(str(path))
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    def __enter__(self) -> "_weights_only_loads":
+        self.target.load = self._load  # instance attribute shadows the class method
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.target.load
+
+
 def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> tuple[TrainerState, Counter]:
     """Load engine state (model, optimizer, scheduler), this rank's RNG states and our counters.
 
@@ -202,8 +234,9 @@ def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> tuple[Tra
     state_path = tag_dir / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete: {STATE_FILE} is missing")
-    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    with _weights_only_loads(engine):
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the engine state from {tag_dir}")
     state = TrainerState.from_dict(json.loads(state_path.read_text()))

@@ -259,10 +259,10 @@ def train(cfg: Config, stop_after: Optional[int] = None,
             if step % t.save_interval == 0 or step == last:
                 state.metrics_position = metrics.position()
                 ckpt.save_checkpoint(engine, cfg, tokenizer, state, word_counts)
-    finally:
+    finally:  # also after an error: the plot of a failed run helps most
         bar.close()
         metrics.close()
-    if rank == 0 and (save_dir / "metrics.jsonl").is_file():
-        plot_loss(save_dir / "metrics.jsonl", save_dir / PLOT_FILE)
+        if rank == 0 and metrics.path.is_file():
+            plot_loss(metrics.path, save_dir / PLOT_FILE)
     del engine, optimizer, model
     return result

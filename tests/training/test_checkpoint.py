@@ -132,3 +132,20 @@ def test_resume_under_zero3_matches_reference(uninterrupted, tiny_cfg):
     assert sorted(second.losses) == [4, 5, 6]
     losses = {**first.losses, **second.losses}
     assert losses == pytest.approx(ref.losses, rel=1e-6)
+
+
+def test_deepspeed_files_load_weights_only(uninterrupted, tiny_cfg, monkeypatch):
+    """Resuming never unpickles arbitrary objects: every DeepSpeed file goes through weights_only."""
+    loaded = []
+    real_enter = ckpt._weights_only_loads.__enter__
+
+    def spy(self):
+        loaded.append(self)
+        return real_enter(self)
+
+    monkeypatch.setattr(ckpt._weights_only_loads, "__enter__", spy)
+    cfg = tiny_cfg("zero1", parallel={"zero_stage": 1}, training={"train_iterations": 2})
+    train(cfg, stop_after=1)
+    train(cfg)
+    names = {Path(f).name for f in loaded[0].files}
+    assert names == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}

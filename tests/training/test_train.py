@@ -74,6 +74,7 @@ def test_non_finite_loss_skips_counts_and_stops(tiny_cfg, monkeypatch, stage):
     records = read_metrics(Path(cfg.training.save_dir) / "metrics.jsonl")
     assert [r["skipped"] for r in records] == [False, True, False, True]
     assert records[1]["loss"] is None and records[1]["grad_norm"] is None
+    assert (Path(cfg.training.save_dir) / "loss.png").is_file()  # drawn even for a failed run
 
 
 def test_metrics_plot_tensorboard_and_word_counts(tiny_cfg):
