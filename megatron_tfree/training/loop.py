@@ -64,23 +64,27 @@ def classic_bits(model: torch.nn.Module, batch: Any, logits: torch.Tensor) -> tu
     return nats / math.log(2), float(batch.target_bytes.reshape(-1)[mask].sum())
 
 
-def bits_per_byte_fn(tokenizer: Any) -> Optional[BitsFn]:
+def bits_per_byte_fn(tokenizer: Any, word_counts: Optional[Counter] = None) -> Optional[BitsFn]:
     """The bits-per-byte estimator for ``tokenizer``'s kind, or None where none exists yet.
 
     This is the single place where T-Free bits per byte plugs in: its estimate needs the decode
-    dictionary (word probabilities from the head's multi-hot scores); return a :data:`BitsFn` for
-    ``tokenizer.kind == "tfree"`` here and :func:`evaluate` reports it like the classic one.
+    dictionary (word probabilities from the head's multi-hot scores), which can be built from
+    ``word_counts`` (this rank's training word counter; on rank 0 it includes the totals restored
+    from the checkpoint; :func:`checkpoint.gather_word_counts` sums all ranks). Return a
+    :data:`BitsFn` for ``tokenizer.kind == "tfree"`` here and :func:`evaluate` reports it (summed
+    over ranks) like the classic one.
     """
     if tokenizer.kind == "classic":
         return classic_bits
     return None
 
 
-def evaluate(engine: Any, cfg: Config, tokenizer: Any, loader: Any) -> dict[str, float]:
+def evaluate(engine: Any, cfg: Config, tokenizer: Any, loader: Any,
+             word_counts: Optional[Counter] = None) -> dict[str, float]:
     """Mean held-out loss over ``training.eval_iterations`` micro-batches per rank (weighted by the
     number of target units, averaged over data-parallel ranks) and, where the tokenizer kind has an
     estimator (:func:`bits_per_byte_fn`), ``bits_per_byte``."""
-    bits_fn = bits_per_byte_fn(tokenizer)
+    bits_fn = bits_per_byte_fn(tokenizer, word_counts)
     was_training = engine.module.training
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss * weight, weight, bits, bytes
@@ -246,7 +250,7 @@ def train(cfg: Config, stop_after: Optional[int] = None,
                         f"step {step}: {state.skipped_steps} steps with a non-finite loss exceed "
                         f"training.max_skipped_steps={t.max_skipped_steps}; lower training.lr or check the data")
             if valid is not None and (step % t.eval_interval == 0 or step == last):
-                result.last_eval = evaluate(engine, cfg, tokenizer, valid)
+                result.last_eval = evaluate(engine, cfg, tokenizer, valid, word_counts)
                 record.update(result.last_eval)
                 last_bpb = result.last_eval.get("bits_per_byte", last_bpb)
             metrics.log(record)

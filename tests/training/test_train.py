@@ -162,3 +162,17 @@ def test_deepspeed_launcher_two_processes(tiny_cfg, tmp_path):
     launcher = Path(sys.executable).with_name("deepspeed")
     _launch([str(launcher), "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(free_port()),
              str(REPO / "megatron_tfree" / "train.py")], cfg, tmp_path)
+
+
+def test_classic_bits_is_cross_entropy_over_bytes():
+    from megatron_tfree.data.batch import Batch
+    from megatron_tfree.training.loop import classic_bits
+
+    B, S, V = 1, 3, 4
+    z = torch.zeros(B * S + 1, dtype=torch.long)
+    batch = Batch(input_offsets=z, input_ids=z[:0], target_offsets=torch.arange(B * S + 1),
+                  target_ids=torch.tensor([1, 2, 3]), position_ids=torch.zeros(B, S, dtype=torch.long),
+                  document_ids=torch.zeros(B, S, dtype=torch.long),
+                  loss_weights=torch.tensor([[1.0, 1.0, 0.0]]), target_bytes=torch.tensor([[3, 5, 7]]))
+    bits, nbytes = classic_bits(None, batch, torch.zeros(B, S, V))  # uniform: 2 bits per token
+    assert bits == pytest.approx(4.0) and nbytes == 8.0  # the weight-0 position does not count
