@@ -54,9 +54,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         result = train(cfg)
-    except BaseException:
+    except BaseException as e:
         gc.collect()
         teardown(barrier=False)
+        if isinstance(e, ConfigError):  # e.g. global_batch_size vs. the data-parallel size
+            print(f"megatron-tfree-train: {e}", file=sys.stderr)
+            return 2
         raise
     gc.collect()
     teardown()

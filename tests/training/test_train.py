@@ -176,3 +176,9 @@ def test_classic_bits_is_cross_entropy_over_bytes():
                   loss_weights=torch.tensor([[1.0, 1.0, 0.0]]), target_bytes=torch.tensor([[3, 5, 7]]))
     bits, nbytes = classic_bits(None, batch, torch.zeros(B, S, V))  # uniform: 2 bits per token
     assert bits == pytest.approx(4.0) and nbytes == 8.0  # the weight-0 position does not count
+
+
+def test_cli_reports_config_errors_by_key(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "megatron_tfree.train", "training.no_such_key=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "training.no_such_key" in out.stderr
