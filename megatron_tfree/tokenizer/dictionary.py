@@ -85,10 +85,12 @@ class _Block:
         key = (float(edge_weight), str(device))
         if key not in self._matrix:
             vals = np.where(self.edge, np.float32(edge_weight), np.float32(1.0)).astype(np.float32)
+            # int32 indices make the CPU CSR matmul ~3x faster (less memory traffic) when they fit
+            index = np.int32 if len(self.ids) < 2**31 else np.int64
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                 self._matrix[key] = torch.sparse_csr_tensor(
-                    torch.from_numpy(self.offsets.astype(np.int64)), torch.from_numpy(self.ids.astype(np.int64)),
+                    torch.from_numpy(self.offsets.astype(index)), torch.from_numpy(self.ids.astype(index)),
                     torch.from_numpy(vals), (len(self), v), check_invariants=False).to(device)
         return self._matrix[key]
 
