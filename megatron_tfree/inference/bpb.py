@@ -86,13 +86,15 @@ def _tfree_bits(logits: torch.Tensor, targets: list[str], weights: torch.Tensor,
 
 
 def _batch_bits(model: torch.nn.Module, tokenizer: Any, batch: Batch, dictionary: Optional[DecodeDictionary],
-                edge_weight: float, temperature: float) -> tuple[float, int, int, int]:
-    """(bits, bytes, predicted units, dictionary words added) of one Batch."""
+                edge_weight: float, temperature: float, logits: Optional[torch.Tensor] = None) -> tuple[float, int, int, int]:
+    """(bits, bytes, predicted units, dictionary words added) of one Batch (``logits``: the model's
+    output for it when already computed)."""
     if batch.target_bytes is None:
         raise ValueError("bits per byte needs Batch.target_bytes (the UTF-8 bytes of each target unit)")
-    dev = _device(model)
-    batch = batch.to(dev)
-    logits = model(batch).float()
+    if logits is None:
+        batch = batch.to(_device(model))
+        logits = model(batch)
+    logits = logits.float()
     v = logits.shape[-1]
     w = batch.loss_weights.reshape(-1).float()
     sel = torch.nonzero(w > 0).squeeze(1)
@@ -156,6 +158,25 @@ def bits_per_byte(model: torch.nn.Module, tokenizer: Any, data: Any, dictionary:
     return bits / nbytes, details
 
 
+def make_bits_fn(tokenizer: Any, word_counts: Optional[Mapping[str, int]] = None,
+                 dictionary: Optional[DecodeDictionary] = None, reduce_to: Optional[int] = None):
+    """A ``(model, batch, logits) -> (bits, bytes)`` estimator for the training loop's evaluation (the
+    ``BitsFn`` of :mod:`megatron_tfree.training.loop`), for both tokenizer kinds. T-Free: the decode
+    dictionary is built once here from ``word_counts`` (optionally reduced to the special words plus
+    the ``reduce_to`` most frequent) unless ``dictionary`` is given; each batch's words are added."""
+    if tokenizer.kind == "tfree" and dictionary is None:
+        dictionary = DecodeDictionary.build(tokenizer, word_counts)
+        if reduce_to is not None:
+            dictionary = dictionary.reduce_to(reduce_to)
+
+    def bits_fn(model: torch.nn.Module, batch: Batch, logits: torch.Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            bits, nbytes, _, _ = _batch_bits(model, tokenizer, batch, dictionary, 1.0, 1.0, logits=logits)
+        return bits, float(nbytes)
+
+    return bits_fn
+
+
 def evaluate_bits_per_byte(model: torch.nn.Module, tokenizer: Any, batches: Iterable[Batch],
                            word_counts: Optional[Mapping[str, int]] = None,
                            dictionary: Optional[DecodeDictionary] = None) -> float:
@@ -173,4 +194,4 @@ def evaluate_bits_per_byte(model: torch.nn.Module, tokenizer: Any, batches: Iter
     return bpb
 
 
-__all__ = ["bits_per_byte", "evaluate_bits_per_byte"]
+__all__ = ["bits_per_byte", "evaluate_bits_per_byte", "make_bits_fn"]

@@ -73,6 +73,51 @@ def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoint files pickle (shared with the training checkpoint loader)."""
+    try:
+        from ..training.checkpoint import _deepspeed_safe_globals as classes
+    except ImportError:  # no DeepSpeed installed: nothing extra to allow
+        return []
+    try:
+        return classes()
+    except ImportError:
+        return []
+
+
+class _WeightsOnlyTorch:
+    """``torch`` as seen by DeepSpeed's zero_to_fp32 module, except that ``load`` is always
+    ``weights_only=True`` (with DeepSpeed's few checkpoint classes allowed)."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(f, map_location=map_location, **kwargs)
+
+
+def consolidate_zero_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of a ZeRO (stage 1-3) tag directory, via DeepSpeed's zero_to_fp32 reader
+    with every ``torch.load`` forced to ``weights_only=True``. Save it as ``model.safetensors`` in the
+    tag directory to skip this next time."""
+    try:
+        from deepspeed.utils import zero_to_fp32
+    except ImportError:
+        raise ValueError(f"{tag_dir}: a ZeRO checkpoint needs DeepSpeed to consolidate (or a {SAFETENSORS_FILE})") from None
+    real = zero_to_fp32.torch
+    zero_to_fp32.torch = _WeightsOnlyTorch()
+    try:
+        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as e:
+        raise ValueError(f"{tag_dir}: could not consolidate the ZeRO checkpoint: {e}") from None
+    finally:
+        zero_to_fp32.torch = real
+    return _strip_prefix({k: v.float() for k, v in state.items()})
+
+
 def load_model_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The model's full state dict from a tag directory (see the module docstring)."""
     st = tag_dir / SAFETENSORS_FILE
@@ -81,12 +126,18 @@ def load_model_state(tag_dir: Path) -> dict[str, torch.Tensor]:
 
         return _strip_prefix(load_file(str(st)))
     pt = tag_dir / MODEL_STATES_FILE
+    if not pt.is_file() and any(tag_dir.glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+        return consolidate_zero_checkpoint(tag_dir)
     if not pt.is_file():
         raise FileNotFoundError(f"{tag_dir}: no model weights ({SAFETENSORS_FILE} or {MODEL_STATES_FILE})")
     try:
         data = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:  # an object the safe unpickler refuses
-        raise ValueError(f"{pt}: cannot be read with torch.load(weights_only=True): {e}") from None
+    except Exception:  # DeepSpeed pickles a few of its own classes: allow exactly those, still weights_only
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                data = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{pt}: cannot be read with torch.load(weights_only=True): {e}") from None
     if not isinstance(data, Mapping) or "module" not in data or not isinstance(data["module"], Mapping):
         raise ValueError(f"{pt}: expected a dict with the model state dict under key 'module'")
     state = _strip_prefix(data["module"])

@@ -136,3 +136,15 @@ def test_batch_errors():
     batch.target_bytes = None
     with pytest.raises(ValueError, match="target_bytes"):
         bits_per_byte(FixedLogits(torch.zeros(V)), tok, batch)
+
+
+def test_make_bits_fn_matches_bits_per_byte():
+    """The training loop's estimator (model, batch, logits) -> (bits, bytes) agrees with bits_per_byte."""
+    from megatron_tfree.inference.bpb import make_bits_fn
+
+    tok = TrigramTokenizer(vocab_size=V, vocab_population=2)
+    batch = make_batch(tok, [["ab", "cd", "<|endoftext|>"]], [[1, 1, 1]], [[2, 3, 0]])
+    model = FixedLogits(torch.linspace(-1, 1, V))
+    _, details = bits_per_byte(model, tok, batch, dictionary=DecodeDictionary.build(tok, {"xy": 4}))
+    bits, nbytes = make_bits_fn(tok, word_counts={"xy": 4})(model, batch, model(batch))
+    assert bits == pytest.approx(details["bits"], rel=1e-6) and nbytes == 5.0
