@@ -115,6 +115,8 @@ class TrainingConfig:
     eval_iterations: int = 4
     max_skipped_steps: int = 10  # non-finite losses tolerated before the run stops with an error
     tensorboard: bool = True
+    sample_prompt: str = ""  # when set, `python -m megatron_tfree.train` prints a generation at the end
+    sample_words: int = 40
 
 
 @dataclass
@@ -351,6 +353,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             bad(f"training.{name}", f"must be a finite number >= 0, got {v}")
     if tr.max_skipped_steps < 0:
         bad("training.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
+    if tr.sample_words <= 0:
+        bad("training.sample_words", f"must be > 0, got {tr.sample_words}")
     if not tr.save_dir:
         bad("training.save_dir", "must not be empty")
 

@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = pipe.generate(args.prompt, max_words=args.max_words, more_words=args.more_words, reduce_to=args.reduce_to,
                          edge_weight=args.edge_weight, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                          stop_words=args.stop_word)
-    print(text)
+    print(args.prompt + text)
     return 0
 
 

@@ -63,8 +63,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
     gc.collect()
     teardown()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if result.last_eval:
         print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in result.last_eval.items()))
+    print(f"checkpoint: {result.save_dir}  (metrics.jsonl, loss.png beside it)")
+    if cfg.training.sample_prompt:
+        from megatron_tfree.inference import InferencePipe
+
+        pipe = InferencePipe.from_checkpoint(result.save_dir)
+        text = pipe.generate(cfg.training.sample_prompt, max_words=cfg.training.sample_words)
+        print(f"sample (greedy, {cfg.training.sample_words} words) from {cfg.training.sample_prompt!r}:")
+        print(cfg.training.sample_prompt + text)
     return 0
 
 

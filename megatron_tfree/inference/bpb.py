@@ -2,13 +2,15 @@
 
 ``bpb = sum over predicted units of -log2 p(unit | context) / UTF-8 bytes of the text``.
 
-* T-Free: ``p(word)`` is the decoder's softmax over the decode dictionary of the spec-4 scores
-  (:meth:`DecodeDictionary.log_probs`). The evaluated text's own words join the dictionary (per text,
-  or per Batch: the words of its ``target_units``), otherwise an unseen word would have probability 0;
-  the returned details say so (``"text_words_added"``) and a log line repeats it. Consequence: the
-  figure depends on the dictionary (size, ``edge_weight``, score ``temperature``); compare T-Free runs
-  only with the same dictionary. The scores lie in about [-1, 1], so the softmax is flat and the bpb
-  is dominated by ``log2(dictionary size)``; it is a faithful but pessimistic measure.
+* T-Free: ``p(word)`` is a softmax over the decode dictionary. By default (``scoring="likelihood"``)
+  it is the normalised geometric mean of the head's (pos_weight-corrected) probabilities of the
+  word's ids (:meth:`DecodeDictionary.likelihood_log_probs`, which explains why this is calibrated). ``scoring="score"`` uses the spec-4 decode scores instead
+  (:meth:`DecodeDictionary.log_probs`); those lie in about [-1, 1], so their softmax is nearly flat
+  and the figure is dominated by ``log2(dictionary size)``: fine for ranking, useless as a measure.
+  The evaluated text's own words join the dictionary (per text, or per Batch: the words of its
+  ``target_units``), otherwise an unseen word would have probability 0; the returned details say so
+  (``"text_words_added"``) and a log line repeats it. The figure depends on the dictionary: compare
+  T-Free runs only with the same dictionary (the training loop fixes one per run).
 * classic: ``p(token)`` is the softmax of the logits (cross-entropy).
 
 Batches (the training loop's held-out iterator): every position with ``loss_weight > 0`` counts; bits
@@ -72,21 +74,26 @@ def _text_batch(tokenizer: Any, text: str) -> tuple[Batch, list[str], int]:
 
 
 def _tfree_bits(logits: torch.Tensor, targets: list[str], weights: torch.Tensor, dictionary: DecodeDictionary,
-                edge_weight: float, temperature: float) -> tuple[float, int]:
+                edge_weight: float, temperature: float, scoring: str = "likelihood",
+                pos_weight: float = 1.0) -> tuple[float, int]:
     """Weighted -log2 p of ``targets`` (one per row of ``logits [N, v]``); also returns words added."""
     ext = dictionary.add_words([w for w in dict.fromkeys(targets)])
     index = torch.as_tensor([ext.index_of(w) for w in targets], dtype=torch.long, device=logits.device)
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, len(ext)))
     bits = 0.0
     for s in range(0, len(targets), chunk):
-        lp = ext.log_probs(logits[s : s + chunk], edge_weight, temperature)
+        if scoring == "likelihood":
+            lp = ext.likelihood_log_probs(logits[s : s + chunk], pos_weight)
+        else:
+            lp = ext.log_probs(logits[s : s + chunk], edge_weight, temperature)
         picked = lp.gather(1, index[s : s + chunk, None])[:, 0]
         bits += float(-(picked.double() * weights[s : s + chunk].double()).sum()) / LN2
     return bits, len(ext) - len(dictionary)
 
 
 def _batch_bits(model: torch.nn.Module, tokenizer: Any, batch: Batch, dictionary: Optional[DecodeDictionary],
-                edge_weight: float, temperature: float, logits: Optional[torch.Tensor] = None) -> tuple[float, int, int, int]:
+                edge_weight: float, temperature: float, logits: Optional[torch.Tensor] = None,
+                scoring: str = "likelihood") -> tuple[float, int, int, int]:
     """(bits, bytes, predicted units, dictionary words added) of one Batch (``logits``: the model's
     output for it when already computed)."""
     if batch.target_bytes is None:
@@ -112,7 +119,8 @@ def _batch_bits(model: torch.nn.Module, tokenizer: Any, batch: Batch, dictionary
         targets = [units[i] for i in sel.tolist()]
         if any(not t for t in targets):
             raise ValueError("Batch.target_units is empty at a position with loss weight > 0")
-        bits, added = _tfree_bits(flat, targets, w[sel], dictionary, edge_weight, temperature)
+        pos_weight = float(getattr(getattr(getattr(model, "output", None), "head", None), "pos_weight", 1.0))
+        bits, added = _tfree_bits(flat, targets, w[sel], dictionary, edge_weight, temperature, scoring, pos_weight)
     else:
         offs = batch.target_offsets
         if batch.target_ids.numel() != w.numel() or not torch.equal(offs[1:] - offs[:-1], torch.ones_like(offs[1:])):
@@ -125,12 +133,15 @@ def _batch_bits(model: torch.nn.Module, tokenizer: Any, batch: Batch, dictionary
 
 @torch.no_grad()
 def bits_per_byte(model: torch.nn.Module, tokenizer: Any, data: Any, dictionary: Optional[DecodeDictionary] = None,
-                  edge_weight: float = 1.0, temperature: float = 1.0) -> tuple[float, dict[str, Any]]:
+                  edge_weight: float = 1.0, temperature: float = 1.0,
+                  scoring: str = "likelihood") -> tuple[float, dict[str, Any]]:
     """Bits per byte of ``data``: a text, a :class:`Batch`, or an iterable of texts and/or Batches.
 
     ``dictionary`` (T-Free): the base decode dictionary; default: the special words only (the texts'
     own words are always added). Returns ``(bpb, details)`` with ``bits``, ``bytes``, ``units`` (units
     predicted), ``dictionary_words``, ``text_words_added`` and ``note``."""
+    if scoring not in ("likelihood", "score"):
+        raise ValueError(f"scoring must be 'likelihood' or 'score', got {scoring!r}")
     if isinstance(data, (str, Batch)):
         data = [data]
     if tokenizer.kind == "tfree" and dictionary is None:
@@ -144,16 +155,16 @@ def bits_per_byte(model: torch.nn.Module, tokenizer: Any, data: Any, dictionary:
             batch = item
         else:
             raise TypeError(f"bits_per_byte takes texts or Batches, got {type(item).__name__}")
-        b, n, u, a = _batch_bits(model, tokenizer, batch, dictionary, edge_weight, temperature)
+        b, n, u, a = _batch_bits(model, tokenizer, batch, dictionary, edge_weight, temperature, scoring=scoring)
         bits, nbytes, units, added = bits + b, nbytes + n, units + u, added + a
     if nbytes == 0:
         raise ValueError("bits per byte: the data has no bytes to predict")
     details: dict[str, Any] = {"bits": bits, "bytes": nbytes, "units": units, "kind": tokenizer.kind}
     if tokenizer.kind == "tfree":
         details.update(dictionary_words=len(dictionary), text_words_added=added, edge_weight=edge_weight,
-                       temperature=temperature,
-                       note="T-Free: p(word) is the softmax over the decode dictionary; the evaluated text's "
-                            "own words were added to the dictionary")
+                       temperature=temperature, scoring=scoring,
+                       note="T-Free: p(word) is a softmax over the decode dictionary "
+                            f"({scoring}); the evaluated text's own words were added to the dictionary")
         logger.info("bits per byte: %d text words added to the %d-word decode dictionary", added, len(dictionary))
     return bits / nbytes, details
 

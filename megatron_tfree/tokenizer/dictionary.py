@@ -34,6 +34,7 @@ metadata, tokenizer config); never pickle. Word counts are read from JSON ``{"wo
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 import warnings
@@ -339,6 +340,30 @@ class DecodeDictionary:
     def log_probs(self, logits: torch.Tensor, edge_weight: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
         """Log-softmax over the dictionary of ``score / temperature`` (``[B, n_words]``)."""
         return torch.log_softmax(self.score(logits, edge_weight) / temperature, dim=1)
+
+    def likelihood_log_probs(self, logits: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+        """``[B, v]`` logits -> ``[B, n_words]`` calibrated log p(word | dictionary).
+
+        p(w) is proportional to the geometric mean of the head's probabilities of w's distinct ids,
+        ``exp(mean_{i in ids(w)} log sigmoid(l_i - log pos_weight))``, renormalised over the
+        dictionary (logits corrected for the training ``pos_weight``, which shifts the BCE optimum by
+        log(pos_weight)). Why: if the next word is w_k with probability P_k and the words' id sets do
+        not overlap, a calibrated head gives p_i = P_k on w_k's ids, so this recovers P_k exactly;
+        the independent-Bernoulli product would give about P_k**|ids| (overconfident by the id count),
+        and the softmax of the spec scores (a ranking in about [-1, 1]) stays nearly uniform. It is
+        the log-space counterpart of the spec's mean-probability score, used for bits per byte.
+        """
+        if logits.ndim != 2 or logits.shape[1] != self.vocab_size:
+            raise ValueError(f"likelihood_log_probs expects logits [B, {self.vocab_size}], got {tuple(logits.shape)}")
+        logp = torch.nn.functional.logsigmoid(logits.float() - math.log(pos_weight))
+        ones = logp.new_ones(self.vocab_size, 1)
+        out = []
+        for b in self._blocks:
+            if len(b):
+                m = b.matrix(1.0, logp.device, self.vocab_size)
+                out.append((m @ logp.t().contiguous()).t() / (m @ ones).t().clamp(min=1.0))
+        means = torch.cat(out, dim=1) if out else logp.new_zeros(logp.shape[0], 0)
+        return torch.log_softmax(means, dim=1)
 
     # ------------------------------------------------------------------ storage
     @staticmethod

@@ -64,27 +64,32 @@ def classic_bits(model: torch.nn.Module, batch: Any, logits: torch.Tensor) -> tu
     return nats / math.log(2), float(batch.target_bytes.reshape(-1)[mask].sum())
 
 
-def bits_per_byte_fn(tokenizer: Any, word_counts: Optional[Counter] = None) -> Optional[BitsFn]:
-    """The bits-per-byte estimator for ``tokenizer``'s kind, or None where none exists yet.
+def bits_per_byte_fn(tokenizer: Any, cfg: Config, loader: Any) -> BitsFn:
+    """The bits-per-byte estimator of a run, built once so every evaluation uses the same one.
 
-    This is the single place where T-Free bits per byte plugs in: its estimate needs the decode
-    dictionary (word probabilities from the head's multi-hot scores), which can be built from
-    ``word_counts`` (this rank's training word counter; on rank 0 it includes the totals restored
-    from the checkpoint; :func:`checkpoint.gather_word_counts` sums all ranks). Return a
-    :data:`BitsFn` for ``tokenizer.kind == "tfree"`` here and :func:`evaluate` reports it (summed
-    over ranks) like the classic one.
+    Classic: cross-entropy of the target tokens. T-Free: the decoder's softmax over a decode
+    dictionary (:func:`megatron_tfree.inference.bpb.make_bits_fn`) fixed for the whole run: the
+    special words plus every word of the held-out batches (the evaluated text's own words join the
+    dictionary, as a prompt's words do in generation). A dictionary that grew with the training word
+    counts would make evaluations at different steps incomparable.
     """
     if tokenizer.kind == "classic":
         return classic_bits
-    return None
+    from megatron_tfree.inference.bpb import make_bits_fn
+
+    words: Counter = Counter()
+    for i, batch in enumerate(loader):
+        if i >= cfg.training.eval_iterations:
+            break
+        for row in batch.target_units or []:
+            words.update(w for w in row if w)
+    return make_bits_fn(tokenizer, words)
 
 
-def evaluate(engine: Any, cfg: Config, tokenizer: Any, loader: Any,
-             word_counts: Optional[Counter] = None) -> dict[str, float]:
+def evaluate(engine: Any, cfg: Config, loader: Any, bits_fn: Optional[BitsFn] = None) -> dict[str, float]:
     """Mean held-out loss over ``training.eval_iterations`` micro-batches per rank (weighted by the
     number of target units, averaged over data-parallel ranks) and, where the tokenizer kind has an
     estimator (:func:`bits_per_byte_fn`), ``bits_per_byte``."""
-    bits_fn = bits_per_byte_fn(tokenizer, word_counts)
     was_training = engine.module.training
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss * weight, weight, bits, bytes
@@ -229,7 +234,15 @@ def train(cfg: Config, stop_after: Optional[int] = None,
     samples_per_step = t.micro_batch_size * gas * dp_world
     bar = tqdm(total=t.train_iterations, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     last_bpb: Optional[float] = None
+    bits_fn = bits_per_byte_fn(tokenizer, cfg, valid) if valid is not None else None
     try:
+        if valid is not None and state.step == 0:  # the untrained model, for comparison
+            result.last_eval = evaluate(engine, cfg, valid, bits_fn)
+            last_bpb = result.last_eval.get("bits_per_byte")
+            record0 = {"step": 0, "eval_only": True, "consumed_samples": 0, **result.last_eval}
+            metrics.log(record0)
+            if rank == 0:
+                bar.write("untrained: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
         data_iter = iter(loader)
         for step in range(state.step + 1, last + 1):
             start = time.perf_counter()
@@ -250,7 +263,7 @@ def train(cfg: Config, stop_after: Optional[int] = None,
                         f"step {step}: {state.skipped_steps} steps with a non-finite loss exceed "
                         f"training.max_skipped_steps={t.max_skipped_steps}; lower training.lr or check the data")
             if valid is not None and (step % t.eval_interval == 0 or step == last):
-                result.last_eval = evaluate(engine, cfg, tokenizer, valid, word_counts)
+                result.last_eval = evaluate(engine, cfg, valid, bits_fn)
                 record.update(result.last_eval)
                 last_bpb = result.last_eval.get("bits_per_byte", last_bpb)
             metrics.log(record)

@@ -118,7 +118,16 @@ def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> P
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    bpb = [(r["step"], r["bits_per_byte"]) for r in records if r.get("bits_per_byte") is not None]
+    fig, axes = plt.subplots(1, 2 if bpb else 1, figsize=(11 if bpb else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if bpb:
+        bx = axes[0][1]
+        bx.plot(*zip(*bpb), "o-", color="tab:green", label="held-out bits per byte")
+        bx.set_xlabel("step")
+        bx.set_ylabel("bits per byte")
+        bx.grid(alpha=0.3)
+        bx.legend()
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:

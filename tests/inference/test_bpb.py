@@ -49,7 +49,7 @@ def test_tfree_text_known_case():
     logits = torch.linspace(-3, 3, V)
     model = FixedLogits(logits)
     text = "ab cd"  # words ab, cd; targets ab, cd, <|endoftext|>; 5 bytes
-    bpb, details = bits_per_byte(model, tok, text)
+    bpb, details = bits_per_byte(model, tok, text, scoring="score")
     words = list(SPECIAL_WORDS) + ["ab", "cd"]  # base = special words, the text's words join
     lp = formula_log_probs(tok, words, logits)
     want = -(lp["ab"] + lp["cd"] + lp["<|endoftext|>"]) / math.log(2) / 5
@@ -65,7 +65,8 @@ def test_tfree_text_edge_weight_and_base_dictionary():
     tok = TrigramTokenizer(vocab_size=V, vocab_population=2)
     logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
     base = DecodeDictionary.build(tok, {"xy": 3, "ab": 1})
-    bpb, details = bits_per_byte(FixedLogits(logits), tok, ["ab", "ab ab"], dictionary=base, edge_weight=0.5)
+    bpb, details = bits_per_byte(FixedLogits(logits), tok, ["ab", "ab ab"], dictionary=base, edge_weight=0.5,
+                                 scoring="score")
     lp = formula_log_probs(tok, base.words, logits, e=0.5)
     bits = -(3 * lp["ab"] + 2 * lp["<|endoftext|>"]) / math.log(2)
     assert bpb == pytest.approx(bits / 7, rel=1e-5)
@@ -116,13 +117,14 @@ def test_batches_use_target_bytes_and_weights():
     batch = make_batch(tok, units, [[1, 1, 1], [1, 0, 1]], [[2, 3, 0], [2, 3, 3]])
     model = FixedLogits(logits)
     base = DecodeDictionary.build(tok, {"ab": 2})
-    bpb, details = bits_per_byte(model, tok, [batch], dictionary=base)
+    bpb, details = bits_per_byte(model, tok, [batch], dictionary=base, scoring="score")
     lp = formula_log_probs(tok, base.words + ["cd"], logits)
     bits = -(2 * lp["ab"] + 2 * lp["cd"] + lp["<|endoftext|>"]) / math.log(2)  # weight-0 "ab" skipped
     assert details["bytes"] == 2 + 3 + 0 + 2 + 3 and details["units"] == 5
     assert bpb == pytest.approx(bits / 10, rel=1e-5)
     model.train()
-    assert evaluate_bits_per_byte(model, tok, iter([batch]), word_counts={"ab": 2}) == pytest.approx(bpb, rel=1e-6)
+    bpb_likelihood, _ = bits_per_byte(model, tok, [batch], dictionary=base)  # the default scoring
+    assert evaluate_bits_per_byte(model, tok, iter([batch]), word_counts={"ab": 2}) == pytest.approx(bpb_likelihood, rel=1e-6)
     assert model.training  # mode restored
 
 
@@ -148,3 +150,55 @@ def test_make_bits_fn_matches_bits_per_byte():
     _, details = bits_per_byte(model, tok, batch, dictionary=DecodeDictionary.build(tok, {"xy": 4}))
     bits, nbytes = make_bits_fn(tok, word_counts={"xy": 4})(model, batch, model(batch))
     assert bits == pytest.approx(details["bits"], rel=1e-6) and nbytes == 5.0
+
+
+def likelihood_log_probs(tok, words, logits, pos_weight=1.0):
+    """log p(word) restricted to ``words``: the normalised geometric mean of sigmoid(l - log pw) over
+    each word's distinct ids, computed independently in float64."""
+    l = [x - math.log(pos_weight) for x in logits.tolist()]
+    logp = {}
+    for w in words:
+        ids = set(tok.word_ids(w))
+        logp[w] = sum(-math.log1p(math.exp(-l[i])) for i in ids) / len(ids)
+    z = math.log(sum(math.exp(x) for x in logp.values()))
+    return {w: x - z for w, x in logp.items()}
+
+
+@pytest.mark.parametrize("pos_weight", [1.0, 30.0])
+def test_tfree_likelihood_known_case(pos_weight):
+    tok = TrigramTokenizer(vocab_size=V, vocab_population=2)
+    logits = torch.linspace(-3, 3, V)
+    model = FixedLogits(logits)
+    model.output = torch.nn.Module()  # the loss' pos_weight lives on the head, as in GPTModel
+    model.output.head = torch.nn.Module()
+    model.output.head.pos_weight = pos_weight
+    bpb, details = bits_per_byte(model, tok, "ab cd")  # likelihood is the default
+    lp = likelihood_log_probs(tok, list(SPECIAL_WORDS) + ["ab", "cd"], logits, pos_weight)
+    want = -(lp["ab"] + lp["cd"] + lp["<|endoftext|>"]) / math.log(2) / 5
+    assert bpb == pytest.approx(want, rel=1e-5)
+    assert details["scoring"] == "likelihood"
+    with pytest.raises(ValueError, match="scoring"):
+        bits_per_byte(model, tok, "ab", scoring="nope")
+
+
+def test_likelihood_tracks_the_right_word_but_spec_scores_stay_flat():
+    """A head that puts high logits exactly on one word's ids: the likelihood gives that word almost
+    all the mass; the spec-score softmax stays near uniform (why bits per byte uses the likelihood)."""
+    tok = TrigramTokenizer(vocab_size=4096, vocab_population=4)
+    words = ["hello", "world"]
+    d = DecodeDictionary.build(tok, {w: 1 for w in words})
+    # calibration: the head says "hello" with 0.7, "world" with 0.3 (their ids get those probabilities)
+    p = torch.full((1, 4096), 1e-6)
+    p[0, tok.word_ids("hello")] = 0.7
+    p[0, tok.word_ids("world")] = 0.3
+    assert not set(tok.word_ids("hello")) & set(tok.word_ids("world"))  # the disjoint case
+    lp = d.likelihood_log_probs(torch.log(p / (1 - p)))[0].exp()
+    assert float(lp[d.index_of("hello")]) / float(lp[d.index_of("world")]) == pytest.approx(0.7 / 0.3, rel=1e-4)
+    tok = TrigramTokenizer(vocab_size=512, vocab_population=4)
+    words = list(SPECIAL_WORDS) + ["hello", "world", "again", "other", "thing"]
+    d = DecodeDictionary.build(tok, {w: 1 for w in words})
+    logits = torch.full((1, 512), -8.0)
+    logits[0, tok.word_ids("world")] = 8.0
+    i = d.index_of("world")
+    assert float(d.likelihood_log_probs(logits)[0, i].exp()) > 0.99
+    assert float(d.log_probs(logits)[0, i].exp()) < 0.3

@@ -174,7 +174,7 @@ def test_checkpoint_errors(tmp_path, checkpoint):
 def test_cli(checkpoint, capsys):
     root, ref = checkpoint
     assert generate_cli.main(["--checkpoint", str(root), "--prompt", "the cat", "--max-words", "4"]) == 0
-    assert capsys.readouterr().out == ref.generate("the cat", max_words=4) + "\n"
+    assert capsys.readouterr().out == "the cat" + ref.generate("the cat", max_words=4) + "\n"
     with pytest.raises(SystemExit) as e:
         generate_cli.main(["--help"])
     assert e.value.code == 0 and "--edge-weight" in capsys.readouterr().out
