@@ -28,8 +28,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megatron-tfree-prepare-data=megatron_tfree.data.convert:main",
             "megatron-tfree-train=megatron_tfree.train:main",
+            "megatron-tfree-generate=megatron_tfree.generate:main",
+            "megatron-tfree-prepare=megatron_tfree.prepare:main",
+            "megatron-tfree-prepare-data=megatron_tfree.data.convert:main",
         ],
     },
 )

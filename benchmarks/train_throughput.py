@@ -11,7 +11,9 @@ Shakespeare corpus, or ``--prefix`` MemoryMap). Reported per second:
 - words/s: bytes/s divided by the corpus' bytes per whitespace word.
 
 Also the embedding+head parameter counts at v=8k (T-Free) vs a 64k vocabulary, and of the two
-models actually benchmarked. Ratios are against the BPE model measured in the same run.
+models actually benchmarked, and (``--decode-sizes``, from benchmarks/decode_speed.py) the T-Free
+decode time per generated word against dictionary size. Ratios are against the BPE model (training)
+and the smallest dictionary (decoding) measured in the same run.
 
     python benchmarks/train_throughput.py [--steps 20] [--json out.json]
 """
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bpe-vocab", type=int, default=32000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--decode-sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                   help="dictionary sizes for the decode timing (none: skip it)")
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -112,8 +116,16 @@ def main(argv=None) -> int:
     paper["reduction"] = 1 - paper["tfree_8k"] / paper["classic_64k"]
     print(f"embedding+head parameters at h={h}: T-Free v=8k {paper['tfree_8k']:,} vs 64k vocabulary "
           f"{paper['classic_64k']:,}: {paper['reduction']:.1%} fewer (the paper: 87.5%)")
+    decode = []
+    if args.decode_sizes:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import decode_speed
+
+        t = cfg.tokenizer
+        decode = decode_speed.measure(args.decode_sizes, 20, t.vocab_size, t.vocab_population)
+        decode_speed.print_table(decode, t.vocab_size, t.vocab_population)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "embedding_head": paper,
+        Path(args.json).write_text(json.dumps({"rows": rows, "embedding_head": paper, "decode": decode,
                                                "bytes_per_word": bytes_per_word}, indent=1))
     return 0
 

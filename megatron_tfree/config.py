@@ -210,7 +210,16 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
         node = nxt
-    node[parts[-1]] = parse_value(raw)
+    node[parts[-1]] = _Override(raw, parse_value(raw))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A command-line value: its raw text (kept for string keys, so `sample_prompt=ROMEO:` stays a
+    string) and its YAML-parsed value (for every other type)."""
+
+    raw: str
+    parsed: Any
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
@@ -230,6 +239,8 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if isinstance(value, _Override):
+        value = value.raw if tp is str else value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):

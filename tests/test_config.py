@@ -88,3 +88,12 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and isinstance(again, Config)
     assert not (tmp_path / "config.yaml.tmp").exists()
+
+
+def test_string_overrides_keep_their_text():
+    cfg = load_config(None, ["training.sample_prompt=ROMEO:", "training.save_dir=runs/a: b", "tokenizer.tokenizer_file=1e3"])
+    assert cfg.training.sample_prompt == "ROMEO:"
+    assert cfg.training.save_dir == "runs/a: b"
+    assert cfg.tokenizer.tokenizer_file == "1e3"
+    with pytest.raises(ConfigError, match="training.lr must be a number"):
+        load_config(None, ["training.lr=ROMEO:"])

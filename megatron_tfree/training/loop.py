@@ -180,17 +180,14 @@ def _rank0_first(fn: Callable[[], Any]) -> Any:
 
 
 def _make_tokenizer(cfg: Config, resume: Optional[tuple[Path, str]]) -> Any:
-    from megatron_tfree.tokenizer import build_tokenizer, load_tokenizer
+    """The checkpoint's tokenizer when resuming, else the config's (a missing classic BPE is fitted on
+    the train split once, see :func:`megatron_tfree.data.sources.tokenizer_for_config`)."""
+    from megatron_tfree.data.sources import tokenizer_for_config
+    from megatron_tfree.tokenizer import load_tokenizer
 
     if resume is not None:
         return load_tokenizer(resume[0] / resume[1] / ckpt.TOKENIZER_DIR)
-    train_files = None
-    t = cfg.tokenizer
-    if t.kind == "classic" and t.tokenizer_file and not Path(t.tokenizer_file).is_file() and not cfg.data.prefix_paths:
-        from megatron_tfree.data.corpus import default_corpus_text_files
-
-        train_files = default_corpus_text_files(cfg.data.cache_dir or None, split="train")
-    return build_tokenizer(t, train_files=train_files)
+    return tokenizer_for_config(cfg)
 
 
 def train(cfg: Config, stop_after: Optional[int] = None,
@@ -236,11 +233,11 @@ def train(cfg: Config, stop_after: Optional[int] = None,
     last_bpb: Optional[float] = None
     bits_fn = bits_per_byte_fn(tokenizer, cfg, valid) if valid is not None else None
     try:
+        initial: dict[str, float] = {}
         if valid is not None and state.step == 0:  # the untrained model, for comparison
             result.last_eval = evaluate(engine, cfg, valid, bits_fn)
+            initial = {f"initial_{k}": v for k, v in result.last_eval.items()}  # logged with step 1
             last_bpb = result.last_eval.get("bits_per_byte")
-            record0 = {"step": 0, "eval_only": True, "consumed_samples": 0, **result.last_eval}
-            metrics.log(record0)
             if rank == 0:
                 bar.write("untrained: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
         data_iter = iter(loader)
@@ -252,7 +249,8 @@ def train(cfg: Config, stop_after: Optional[int] = None,
             state.step, state.consumed_samples = step, state.consumed_samples + samples_per_step
             record = {"step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
                       "words_per_s": out["units"] / elapsed if elapsed > 0 else 0.0,
-                      "consumed_samples": state.consumed_samples, "skipped": out["skipped"]}
+                      "consumed_samples": state.consumed_samples, "skipped": out["skipped"], **initial}
+            initial = {}
             result.losses[step] = None if out["skipped"] else out["loss"]
             if out["skipped"]:
                 state.skipped_steps += 1

@@ -117,8 +117,11 @@ def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> P
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    bpb = [(r["step"], r["bits_per_byte"]) for r in records if r.get("bits_per_byte") is not None]
+    def series(key: str) -> list[tuple[int, float]]:  # the untrained evaluation is logged with step 1
+        out = [(0, r[f"initial_{key}"]) for r in records[:1] if r.get(f"initial_{key}") is not None]
+        return out + [(r["step"], r[key]) for r in records if r.get(key) is not None]
+
+    evals, bpb = series("eval_loss"), series("bits_per_byte")
     fig, axes = plt.subplots(1, 2 if bpb else 1, figsize=(11 if bpb else 7, 4), squeeze=False)
     ax = axes[0][0]
     if bpb:

@@ -44,7 +44,7 @@ def test_resume_is_exact(uninterrupted, tiny_cfg):
     assert losses == ref.losses  # bit-identical per-step losses
     assert params.keys() == ref_params.keys()
     assert all(torch.equal(params[k], ref_params[k]) for k in params)
-    steps = [r["step"] for r in read_metrics(f"{cfg.training.save_dir}/metrics.jsonl") if not r.get("eval_only")]
+    steps = [r["step"] for r in read_metrics(f"{cfg.training.save_dir}/metrics.jsonl")]
     assert steps == list(range(1, STEPS + 1))
     # word counts continue across the restart
     counts = lambda d: json.loads((Path(d) / "step_6" / ckpt.WORD_COUNTS_FILE).read_text())
@@ -75,7 +75,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(uninterrupted, tiny_cfg, monke
     resumed = train(cfg)  # from step_2: metrics after it are cut, steps 3..6 replayed exactly
     assert sorted(resumed.losses) == [3, 4, 5, 6]
     assert resumed.losses == {k: v for k, v in ref.losses.items() if k > 2}
-    assert [r["step"] for r in read_metrics(f"{save_dir}/metrics.jsonl") if not r.get("eval_only")] == list(range(1, 7))
+    assert [r["step"] for r in read_metrics(f"{save_dir}/metrics.jsonl")] == list(range(1, 7))
     assert ckpt.read_latest(save_dir) == "step_6"
 
 

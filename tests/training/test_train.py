@@ -71,7 +71,7 @@ def test_non_finite_loss_skips_counts_and_stops(tiny_cfg, monkeypatch, stage):
     assert any(not torch.equal(p2[k], p3[k]) for k in p2)  # the next step updates again
     assert snaps[2][1]["skipped"] and snaps[3][1]["lr"] == snaps[2][1]["lr"]  # schedule held
     assert all(torch.isfinite(p).all() for p in p3.values())
-    records = [r for r in read_metrics(Path(cfg.training.save_dir) / "metrics.jsonl") if not r.get("eval_only")]
+    records = [r for r in read_metrics(Path(cfg.training.save_dir) / "metrics.jsonl")]
     assert [r["skipped"] for r in records] == [False, True, False, True]
     assert records[1]["loss"] is None and records[1]["grad_norm"] is None
     assert (Path(cfg.training.save_dir) / "loss.png").is_file()  # drawn even for a failed run
@@ -81,12 +81,11 @@ def test_metrics_plot_tensorboard_and_word_counts(tiny_cfg):
     cfg = tiny_cfg("metrics", training={"train_iterations": 4, "eval_interval": 2, "tensorboard": True})
     train(cfg)
     run = Path(cfg.training.save_dir)
-    everything = read_metrics(run / "metrics.jsonl")
-    untrained, records = everything[0], everything[1:]
-    # step 0: the untrained model's evaluation, marked eval_only
-    assert untrained["step"] == 0 and untrained["eval_only"] and "loss" not in untrained
-    assert untrained["eval_loss"] > 0 and untrained["bits_per_byte"] > 0
-    assert [r["step"] for r in records] == [1, 2, 3, 4] and not any(r.get("eval_only") for r in records)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # one object per training step
+    # the untrained model's evaluation travels with step 1
+    assert records[0]["initial_eval_loss"] > 0 and records[0]["initial_bits_per_byte"] > 0
+    assert not any("initial_eval_loss" in r for r in records[1:])
     for r in records:
         assert {"step", "loss", "lr", "grad_norm", "words_per_s"} <= set(r)
         assert r["loss"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 and r["words_per_s"] > 0
@@ -144,7 +143,7 @@ def _launch(cmd, cfg, tmp_path):
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = read_metrics(Path(cfg.training.save_dir) / "metrics.jsonl")
-    assert [r["step"] for r in records if not r.get("eval_only")] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["consumed_samples"] == 3 * 2 * 2  # micro 2 x 2 data-parallel ranks
     assert (Path(cfg.training.save_dir) / "latest").read_text().strip() == "step_3"
     assert (Path(cfg.training.save_dir) / "step_3" / "rng_state_rank1.json").is_file()
