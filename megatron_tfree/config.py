@@ -117,6 +117,8 @@ class TrainingConfig:
     tensorboard: bool = True
     sample_prompt: str = ""  # when set, `python -m megatron_tfree.train` prints a generation at the end
     sample_words: int = 40
+    sample_temperature: float = 0.0  # 0 = greedy; T-Free decode scores lie in about [-1, 1]: use ~0.02-0.1
+    sample_top_k: int = 0  # 0 = no top-k restriction
 
 
 @dataclass
@@ -364,6 +366,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             bad(f"training.{name}", f"must be a finite number >= 0, got {v}")
     if tr.max_skipped_steps < 0:
         bad("training.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
+    if tr.sample_temperature < 0:
+        bad("training.sample_temperature", f"must be >= 0, got {tr.sample_temperature}")
+    if tr.sample_top_k < 0:
+        bad("training.sample_top_k", f"must be >= 0, got {tr.sample_top_k}")
     if tr.sample_words <= 0:
         bad("training.sample_words", f"must be > 0, got {tr.sample_words}")
     if not tr.save_dir:

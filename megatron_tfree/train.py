@@ -72,8 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_tfree.inference import InferencePipe
 
         pipe = InferencePipe.from_checkpoint(result.save_dir)
-        text = pipe.generate(cfg.training.sample_prompt, max_words=cfg.training.sample_words)
-        print(f"sample (greedy, {cfg.training.sample_words} words) from {cfg.training.sample_prompt!r}:")
+        t = cfg.training
+        text = pipe.generate(t.sample_prompt, max_words=t.sample_words, temperature=t.sample_temperature,
+                             top_k=t.sample_top_k or None, seed=t.seed)
+        how = f"temperature {t.sample_temperature}, top-k {t.sample_top_k}" if t.sample_temperature else "greedy"
+        print(f"sample ({how}, {t.sample_words} words) from {t.sample_prompt!r}:")
         print(cfg.training.sample_prompt + text)
     return 0
 
