@@ -232,6 +232,12 @@ def train(cfg: Config, stop_after: Optional[int] = None,
     bar = tqdm(total=t.train_iterations, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     last_bpb: Optional[float] = None
     bits_fn = bits_per_byte_fn(tokenizer, cfg, valid) if valid is not None else None
+    if rank == 0 and resume is not None:
+        msg = f"resuming {resume[0] / resume[1]} at step {state.step}"
+        if state.step >= last:
+            msg += (f": training.train_iterations={t.train_iterations} already reached, nothing to train "
+                    f"(raise it, or set training.save_dir for a new run)")
+        bar.write(msg)
     try:
         initial: dict[str, float] = {}
         if valid is not None and state.step == 0:  # the untrained model, for comparison
