@@ -22,6 +22,16 @@ CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def _names_file(text: str) -> bool:
+    """Whether ``text`` is the path of an existing file (a long text is not: the OS refuses it)."""
+    if len(text) >= 4096 or "\n" in text:
+        return False
+    try:
+        return Path(text).is_file()
+    except OSError:  # e.g. a component longer than NAME_MAX
+        return False
+
+
 def _resolve_training_input(files_or_iterator: Any) -> tuple[list[str] | None, Iterable[str] | None]:
     """Split the ``train`` input into (files, texts).
 
@@ -48,7 +58,7 @@ def _resolve_training_input(files_or_iterator: Any) -> tuple[list[str] | None, I
             if missing:
                 raise FileNotFoundError(f"training files not found: {missing[:5]}")
             return [str(p) for p in items], None
-        if all(isinstance(p, str) and len(p) < 4096 and "\n" not in p and Path(p).is_file() for p in items):
+        if all(isinstance(p, str) and _names_file(p) for p in items):
             return list(items), None
         if not all(isinstance(t, str) for t in items):
             raise TypeError("training texts must be str")

@@ -94,3 +94,9 @@ def test_build_tfree_and_load_errors(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"kind": "wordpiece"}')
     with pytest.raises(ValueError):
         load_tokenizer(tmp_path)
+
+
+def test_train_on_long_texts_that_cannot_be_paths():
+    text = "hello world, hello there. " * 20  # 520 chars: longer than a file name may be
+    tok = ClassicTokenizer.train([text, text], vocab_size=300, min_frequency=1)
+    assert tok.decode_ids(tok.encode_ids(text).tolist()) == text
