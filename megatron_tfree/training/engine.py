@@ -64,19 +64,22 @@ def _env_defaults() -> None:
 
 
 def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed once (idempotent) and return ``(rank, world_size)``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+    """Initialise torch.distributed and DeepSpeed's comm layer once (idempotent) and return
+    ``(rank, world_size)``. A process group created by the caller (tests) is adopted by DeepSpeed."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    _env_defaults()
     import deepspeed
+    import deepspeed.comm as ds_comm
     import deepspeed.comm.torch  # noqa: F401  (the module object whose build_shm_op we replace)
 
+    if dist.is_available() and dist.is_initialized() and ds_comm.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if not dist.is_initialized():
+        _env_defaults()
     # The shm comm op only speeds up intra-node CPU all-reduce; building it costs ~30 s per machine.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
 
