@@ -35,7 +35,10 @@ NNODES=${SLURM_NNODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 
 # The first node of the allocation hosts the c10d rendezvous (no ssh: every node reaches it by name).
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# (Read all of scontrol's output, then take line 1: `| head -n1` under pipefail can fail on SIGPIPE.)
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${hosts%%$'\n'*}
+[[ -n $MASTER_ADDR ]] || { echo "scontrol show hostnames $SLURM_JOB_NODELIST printed no host" >&2; exit 1; }
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
 

@@ -109,6 +109,17 @@ def test_overrides_from_the_environment(tmp_path):
     assert argv[-2:] == ["configs/1b.yaml", "training.save_dir=/ckpt/run1"]
 
 
+def test_long_hostname_list_is_read_without_sigpipe(tmp_path):
+    """`scontrol ... | head -n1` under pipefail can die of SIGPIPE (exit 141) on long node lists."""
+    nodes = [f"n{i:05d}" for i in range(5000)]
+    env = _slurm_env(tmp_path, nodes, DRY_RUN="1", SLURM_NNODES="5000")
+    for _ in range(3):
+        out = subprocess.run(["bash", str(REPO / "slurm" / "7b.sh")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "--rdzv_endpoint=n00000:24242" in out.stdout
+
+
 def test_outside_an_allocation_fails_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     out = subprocess.run(["bash", str(REPO / "slurm" / "7b.sh")], cwd=REPO, env={**env, "DRY_RUN": "1"},
