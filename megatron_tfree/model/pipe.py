@@ -146,8 +146,8 @@ class GPTPipe(PipelineModule):
         loss.output = outputs[0] if outputs else None
 
     @property
-    def output_layer(self) -> Optional[OutputLayer]:
-        """This stage's :class:`OutputLayer` (None except on the last stage)."""
+    def output(self) -> Optional[OutputLayer]:
+        """This stage's :class:`OutputLayer` (None except on the last stage), as ``GPTModel.output``."""
         return self.loss_fn.output
 
     def stage_layers(self) -> dict[int, nn.Module]:

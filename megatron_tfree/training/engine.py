@@ -5,6 +5,8 @@
   (``SLURM_PROCID``, ...); with no launcher it sets single-process defaults so plain
   ``python -m megatron_tfree.train`` works. DeepSpeed's shm comm op (a ~30 s C++ build on CPU) is
   skipped.
+* :func:`setup_parallel` creates the (TP, PP, DP) groups of ``parallel.tensor`` / ``parallel.pipe``;
+  :func:`build_model` builds the GPTModel or this rank's pipeline stage (GPTPipe).
 * :func:`deepspeed_config` turns the config into DeepSpeed's JSON dict.
 * :func:`build_engine` makes a torch AdamW (:class:`GuardedAdamW`) from the model's parameter groups,
   our LR schedule, and calls ``deepspeed.initialize``.
@@ -84,17 +86,34 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def setup_parallel(cfg: Config) -> Any:
+    """Bring up torch.distributed and the (TP, PP, DP) groups of ``parallel.tensor`` / ``parallel.pipe``
+    (:func:`megatron_tfree.parallel.state.initialize`); returns the layout. Idempotent for one layout."""
+    from megatron_tfree.parallel import state
+
+    _, world = init_distributed()
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipe
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ConfigError(f"world size {world} is not divisible by parallel.tensor * parallel.pipe "
+                          f"({tp} * {pp}); start {tp * pp}*k processes or change the layout")
+    current = state.get()
+    if state.is_initialized() and (current.tp, current.pp, current.world_size) == (tp, pp, world):
+        return current
+    state.destroy()
+    layout = state.initialize(tp, pp)
+    _enable_tensor_parallel(layout)
+    return layout
+
+
+def _enable_tensor_parallel(layout: Any) -> None:
+    """Hook for the model's tensor-parallel layers (they read :func:`megatron_tfree.parallel.state.get`)."""
+    return None
+
+
 def data_parallel_info(cfg: Config) -> tuple[int, int]:
     """``(dp_rank, dp_world)`` of this process: world / (tensor * pipe) data-parallel replicas."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    model_parallel = cfg.parallel.tensor * cfg.parallel.pipe
-    if world % model_parallel:
-        raise ConfigError(f"world size {world} is not divisible by parallel.tensor * parallel.pipe "
-                          f"({cfg.parallel.tensor} * {cfg.parallel.pipe})")
-    if model_parallel > 1:
-        raise ConfigError("parallel.tensor / parallel.pipe > 1 are not wired into the trainer yet; "
-                          "use data parallelism with ZeRO (parallel.zero_stage)")
-    return rank, world
+    layout = setup_parallel(cfg)
+    return layout.dp_rank, layout.dp
 
 
 def teardown(barrier: bool = True) -> None:
@@ -102,8 +121,11 @@ def teardown(barrier: bool = True) -> None:
     references), destroy the process group. Without this torch's gloo can abort the process at
     interpreter exit (SIGABRT) after the run. ``barrier=False`` after an error (a peer may be gone).
     """
+    from megatron_tfree.parallel import state
+
     if barrier and dist.is_available() and dist.is_initialized():
         dist.barrier()
+    state.destroy()
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -144,6 +166,8 @@ def deepspeed_config(cfg: Config, dp_world: int) -> dict[str, Any]:
         # our optimizer is a torch AdamW subclass, not one of DeepSpeed's listed types
         "zero_allow_untested_optimizer": True,
     }
+    if cfg.parallel.pipe > 1:  # activations cross stages whole (no slicing over the TP group)
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if t.precision == "fp16":
         ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16})
     return ds
@@ -175,14 +199,40 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> GuardedAdamW:
                         weight_decay=t.weight_decay)
 
 
+def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    """The model of ``cfg`` for this rank: :class:`GPTModel`, or with ``parallel.pipe > 1`` this rank's
+    stage of :class:`~megatron_tfree.model.pipe.GPTPipe` (same seed, same weights)."""
+    from megatron_tfree.model import GPTModel
+
+    layout = setup_parallel(cfg)
+    if cfg.parallel.pipe == 1:
+        return GPTModel(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed)
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from megatron_tfree.model.pipe import GPTPipe
+
+    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    return GPTPipe(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed, topology=topology)
+
+
 def build_engine(cfg: Config, model: torch.nn.Module) -> tuple[Any, GuardedAdamW, WarmupDecayLR]:
-    """``deepspeed.initialize`` the model with our optimizer and schedule. Returns (engine, opt, sched)."""
+    """``deepspeed.initialize`` the model with our optimizer and schedule. Returns (engine, opt, sched).
+
+    Without a pipeline DeepSpeed gets ``mpu=parallel.state.get()`` (its data-parallel groups, gradient
+    norm and clipping follow the TP layout); a pipeline brings its own grid (same rank order), and
+    its optimizer step is wrapped to skip non-finite steps (:func:`.steps.install_pipe_veto`)."""
     import deepspeed
 
-    init_distributed()
-    _, dp_world = data_parallel_info(cfg)
+    from megatron_tfree.parallel import state
+
+    layout = setup_parallel(cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = WarmupDecayLR(optimizer, cfg.training)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dp_world))
+    mpu = None if cfg.parallel.pipe > 1 else state.get()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+                                           config=deepspeed_config(cfg, layout.dp))
+    if cfg.parallel.pipe > 1:
+        from megatron_tfree.training.steps import install_pipe_veto
+
+        install_pipe_veto(engine, optimizer)
     return engine, optimizer, scheduler

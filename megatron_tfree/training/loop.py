@@ -4,7 +4,9 @@ evaluation, checkpoints and the word counter behind the decode dictionary.
     result = train(cfg)                   # fresh run, or resumes from training.load_dir / save_dir/latest
 
 One *step* is ``gradient_accumulation_steps`` micro-batches (``engine.backward`` + ``engine.step``
-each; DeepSpeed applies the update on the last). When any micro-batch of the step, on any rank, has
+each, or one ``engine.train_batch`` of a pipeline; see :mod:`.steps`). The layout comes from
+``parallel.tensor`` / ``parallel.pipe`` (:func:`~.engine.setup_parallel`); data-parallel ranks read
+disjoint parts of the same global sample order, tensor-parallel peers the same batches. When any micro-batch of the step, on any rank, has
 a non-finite loss the update is vetoed (:class:`~megatron_tfree.training.engine.GuardedAdamW`):
 parameters, optimizer moments and the LR schedule stay put, the step is counted, and more than
 ``training.max_skipped_steps`` such steps stop the run with :class:`NonFiniteLossError`.
@@ -27,12 +29,12 @@ from tqdm import tqdm
 
 from megatron_tfree.config import Config
 from megatron_tfree.training import checkpoint as ckpt
-from megatron_tfree.training.engine import build_engine, data_parallel_info, init_distributed
+from megatron_tfree.training.engine import build_engine, build_model, setup_parallel
 from megatron_tfree.training.metrics import PLOT_FILE, MetricsLogger, format_line, plot_loss
+from megatron_tfree.training.steps import BitsFn, evaluate, train_step
 
-# (model, batch, logits) -> (bits, bytes) summed over the positions with loss weight > 0
-BitsFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[float, float]]
-
+__all__ = ["BitsFn", "NonFiniteLossError", "TrainResult", "bits_per_byte_fn", "classic_bits", "evaluate",
+           "train", "train_step"]
 
 class NonFiniteLossError(RuntimeError):
     """More steps had a non-finite loss than ``training.max_skipped_steps`` allows."""
@@ -86,85 +88,6 @@ def bits_per_byte_fn(tokenizer: Any, cfg: Config, loader: Any) -> BitsFn:
     return make_bits_fn(tokenizer, words)
 
 
-def evaluate(engine: Any, cfg: Config, loader: Any, bits_fn: Optional[BitsFn] = None) -> dict[str, float]:
-    """Mean held-out loss over ``training.eval_iterations`` micro-batches per rank (weighted by the
-    number of target units, averaged over data-parallel ranks) and, where the tokenizer kind has an
-    estimator (:func:`bits_per_byte_fn`), ``bits_per_byte``."""
-    was_training = engine.module.training
-    engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss * weight, weight, bits, bytes
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if i >= cfg.training.eval_iterations:
-                    break
-                logits = engine(batch)
-                loss = engine.module.loss_from_logits(logits, batch)
-                weight = float(batch.loss_weights.sum())
-                sums[0] += float(loss) * weight
-                sums[1] += weight
-                if bits_fn is not None:
-                    bits, nbytes = bits_fn(engine.module, batch, logits)
-                    sums[2] += bits
-                    sums[3] += nbytes
-    finally:
-        engine.train(was_training)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    out = {"eval_loss": float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")}
-    if bits_fn is not None and sums[3] > 0:
-        out["bits_per_byte"] = float(sums[2] / sums[3])
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# one step
-# --------------------------------------------------------------------------------------------------
-
-
-def _grad_norm_stage0(engine: Any) -> float:
-    """Global gradient norm from ``param.grad`` (plain fp32 without ZeRO, where DeepSpeed keeps none)."""
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def train_step(engine: Any, optimizer: Any, data_iter: Any, gas: int, dp_world: int,
-               word_counts: Counter) -> dict[str, Any]:
-    """Run one optimizer step of ``gas`` micro-batches. Returns loss (mean over micro-batches and
-    ranks; NaN when non-finite), grad_norm, units (target units over all ranks), skipped."""
-    local = torch.zeros(3, dtype=torch.float64)  # non-finite count, loss sum, target units
-    own_norm = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
-    grad_norm = None
-    skipped = False
-    for micro in range(gas):
-        batch = next(data_iter)
-        if batch.target_units is not None:
-            word_counts.update(u for row in batch.target_units for u in row if u)
-        logits = engine(batch)
-        loss = engine.module.loss_from_logits(logits, batch)
-        value = float(loss.detach())
-        local[0] += 0.0 if math.isfinite(value) else 1.0
-        local[1] += value
-        local[2] += float((batch.loss_weights > 0).sum())
-        if micro == gas - 1:  # every loss of the step is known: agree across ranks on skipping
-            summed = local.clone()
-            if dist.is_initialized():
-                dist.all_reduce(summed)
-            skipped = bool(summed[0] > 0)
-            optimizer.skip_next = skipped
-        engine.backward(loss)
-        if micro == gas - 1 and own_norm and not skipped:
-            grad_norm = _grad_norm_stage0(engine)
-        engine.step()
-    optimizer.skip_next = False
-    if grad_norm is None and not skipped:
-        norm = engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else None
-    mean_loss = float(summed[1]) / (gas * dp_world)
-    return {"loss": float("nan") if skipped else mean_loss, "grad_norm": grad_norm,
-            "units": float(summed[2]), "skipped": skipped}
-
-
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
@@ -200,19 +123,19 @@ def train(cfg: Config, stop_after: Optional[int] = None,
         on_step: called as ``on_step(step, engine, record)`` after every step (tests, hooks).
     """
     from megatron_tfree.data.dataset import build_dataloader
-    from megatron_tfree.model import GPTModel
 
     t = cfg.training
-    rank, _ = init_distributed()
-    dp_rank, dp_world = data_parallel_info(cfg)
+    layout = setup_parallel(cfg)
+    rank, dp_rank, dp_world = layout.rank, layout.dp_rank, layout.dp
     save_dir = Path(t.save_dir)
     resume = ckpt.find_resume(cfg)
     tokenizer = _rank0_first(lambda: _make_tokenizer(cfg, resume))
-    model = GPTModel(cfg.model, cfg.tokenizer.kind, tokenizer.vocab_size, seed=t.seed)
+    model = build_model(cfg, tokenizer.vocab_size)
     random.seed(t.seed + rank)
     np.random.seed((t.seed + rank) % 2**32)
     torch.manual_seed(t.seed + rank)
     engine, optimizer, _ = build_engine(cfg, model)
+    model = None  # the engine holds it
     gas = engine.gradient_accumulation_steps()
     state, word_counts = ckpt.TrainerState(world_size=dist.get_world_size()), Counter()
     truncate = None
