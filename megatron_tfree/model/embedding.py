@@ -13,29 +13,45 @@ Both kinds share one interface, so the model and the trainer never branch on the
 * classic: one id per CSR row, an embedding lookup; untied bias-free head; weighted-mean
   cross-entropy (:func:`megatron_tfree.ops.cross_entropy_loss`, padding-invariant). Every target
   row must hold exactly one id (padding positions too, with weight 0).
+
+Tensor parallelism (``parallel.state.initialize(tp, ...)`` before building) splits the vocabulary:
+TP rank ``r`` holds the embedding rows and head columns ``[vocab_start, vocab_start + v / tp)``
+(``v`` must be divisible by ``tp``). The embedding all-reduces its ``[B, S, h]`` output; the head
+returns *vocab-local* logits ``[B, S, v / tp]`` and ``loss`` takes those (only scalars / ``[N]``
+vectors are reduced, :mod:`megatron_tfree.parallel.vocab`); :func:`gather_logits` assembles the full
+logits for inference and evaluation. At tp=1 everything is the plain single-process computation.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..config import ModelConfig
 from ..data.batch import Batch
+from ..parallel import vocab as vocab_parallel
+from ..parallel.init import init_sharded, mark_sharded, vocab_range
 from .transformer import InitMethod, column_linear, init_method_normal, init_stds
 
 KINDS = ("tfree", "classic")
 
 
+def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Full ``[..., v]`` logits from the vocab-local ones (identity at tp=1; inference / eval only)."""
+    return vocab_parallel.gather_logits(logits)
+
+
 class _Embedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, init_method: InitMethod):
+    """``E [v, h]``, or under tensor parallelism this rank's rows ``[vocab_start, vocab_end)`` of it."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, init_method: InitMethod, vocab_key: str = "tokenizer.vocab_size"):
         super().__init__()
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-        init_method(self.weight)
+        self.vocab_start, self.vocab_end = vocab_range(vocab_size, vocab_key)
+        self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, hidden_size))
+        init_sharded(self.weight, (vocab_size, hidden_size), init_method, partition_dim=0)
+        mark_sharded(self.weight, partition_dim=0)
 
 
 class TFreeEmbedding(_Embedding):
@@ -43,7 +59,7 @@ class TFreeEmbedding(_Embedding):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         B, S = batch.shape
-        out = ops.embedding_bag(self.weight, batch.input_offsets, batch.input_ids)
+        out = vocab_parallel.embedding_bag(self.weight, batch.input_offsets, batch.input_ids, self.vocab_start)
         return out.view(B, S, self.hidden_size)
 
 
@@ -55,17 +71,18 @@ class ClassicEmbedding(_Embedding):
         if batch.input_ids.numel() != B * S:
             raise ValueError(f"classic model: expected one input id per position ({B * S}), "
                              f"got {batch.input_ids.numel()}")
-        return F.embedding(batch.input_ids.long(), self.weight).view(B, S, self.hidden_size)
+        return vocab_parallel.embedding(self.weight, batch.input_ids, self.vocab_start).view(B, S, self.hidden_size)
 
 
 class _Head(nn.Module):
-    def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod):
+    def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod, vocab_key: str = "tokenizer.vocab_size"):
         super().__init__()
         self.vocab_size = vocab_size
-        self.linear = column_linear(hidden_size, vocab_size, init_method)
+        self.vocab_start, self.vocab_end = vocab_range(vocab_size, vocab_key)
+        self.linear = column_linear(hidden_size, vocab_size, init_method, name=vocab_key)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., h] -> [..., v]`` logits (in the hidden dtype)."""
+        """``[..., h] -> [..., v / tp]`` vocab-local logits (in the hidden dtype; all ``v`` at tp=1)."""
         return self.linear(hidden)
 
 
@@ -78,9 +95,9 @@ class TFreeHead(_Head):
         self.loss_scale = loss_scale
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return ops.tfree_bce_loss(
+        return vocab_parallel.tfree_bce_loss(
             logits.reshape(-1, logits.shape[-1]), batch.target_offsets, batch.target_ids,
-            batch.loss_weights.reshape(-1), self.pos_weight, self.loss_scale,
+            batch.loss_weights.reshape(-1), self.pos_weight, self.loss_scale, self.vocab_start, self.vocab_size,
         )
 
 
@@ -91,7 +108,13 @@ class ClassicHead(_Head):
         n = batch.loss_weights.numel()
         if batch.target_ids.numel() != n:
             raise ValueError(f"classic model: expected one target id per position ({n}), got {batch.target_ids.numel()}")
-        return ops.cross_entropy_loss(logits.reshape(n, -1), batch.target_ids, batch.loss_weights.reshape(-1))
+        return vocab_parallel.cross_entropy(logits.reshape(n, -1), batch.target_ids, batch.loss_weights.reshape(-1),
+                                            self.vocab_start)
+
+
+def _vocab_key(kind: str) -> str:
+    """The config key that sets the vocabulary size of ``kind`` (named in layout errors)."""
+    return "tokenizer.vocab_size" if kind == "tfree" else "tokenizer.classic_vocab_size"
 
 
 def _check_kind(kind: str) -> None:
@@ -103,7 +126,7 @@ def build_embedding(cfg: ModelConfig, kind: str, vocab_size: int) -> nn.Module:
     """The input embedding for ``kind`` (``tfree`` or ``classic``), initialised per ``cfg.init``."""
     _check_kind(kind)
     cls = TFreeEmbedding if kind == "tfree" else ClassicEmbedding
-    return cls(vocab_size, cfg.hidden_size, init_method_normal(init_stds(cfg)[0]))
+    return cls(vocab_size, cfg.hidden_size, init_method_normal(init_stds(cfg)[0]), _vocab_key(kind))
 
 
 def build_head(cfg: ModelConfig, kind: str, vocab_size: int) -> nn.Module:
@@ -112,4 +135,4 @@ def build_head(cfg: ModelConfig, kind: str, vocab_size: int) -> nn.Module:
     init = init_method_normal(init_stds(cfg)[0])
     if kind == "tfree":
         return TFreeHead(cfg.hidden_size, vocab_size, init, cfg.loss_pos_weight, cfg.loss_scale)
-    return ClassicHead(cfg.hidden_size, vocab_size, init)
+    return ClassicHead(cfg.hidden_size, vocab_size, init, _vocab_key(kind))

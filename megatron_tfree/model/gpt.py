@@ -2,7 +2,8 @@
 
     model = GPTModel(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed)
     loss = model.loss(batch)                          # training
-    logits = model(batch)                             # [B, S, v]
+    logits = model(batch)                             # [B, S, v] (vocab-local [B, S, v/tp] under TP)
+    full = model.gather_logits(logits)                # [B, S, v] on every TP rank (inference / eval)
 
     cache = model.new_kv_cache()                      # inference: incremental decoding
     logits = model(prompt_batch, kv_cache=cache)      # prompt, positions 0..P-1
@@ -13,6 +14,15 @@ The model is defined once as an ordered list of stages (:meth:`GPTModel.layers`)
 pipeline-parallel wrapper builds DeepSpeed layer specs from the same classes. Each stage is
 initialised from its own seed derived from ``(seed, stage index)``, so a stage's weights do not
 depend on which other stages a process builds.
+
+Tensor parallelism is a property of the layers (:mod:`megatron_tfree.parallel`): call
+``parallel.state.initialize(tp, pp)`` on every rank before building the model and each rank holds its
+shards (attention heads by KV group, MLP features, vocabulary rows/columns). The full weights are the
+same for every layout and seed (:mod:`megatron_tfree.parallel.init`); at tp=1 they are the weights
+this model always had. Under TP, :meth:`GPTModel.forward` returns *vocab-local* logits; ``loss`` and
+``loss_from_logits`` take them as they are (the same scalar on every TP rank), and
+:meth:`GPTModel.gather_logits` assembles the full ``[B, S, v]``. All TP peers must draw the same
+dropout masks (seed torch's RNG identically on them) and pass an explicit ``seed``.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..data.batch import Batch
-from .embedding import build_embedding, build_head
+from .embedding import build_embedding, build_head, gather_logits
 from .transformer import KVCache, RMSNorm, TransformerBlock, build_attention_meta
 
 
@@ -92,7 +102,8 @@ class GPTModel(nn.Module):
         return KVCache()
 
     def forward(self, batch: Batch, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits ``[B, S, v]``. Only the input fields, ``position_ids`` and ``document_ids`` of ``batch``
+        """Logits ``[B, S, v]`` (this TP rank's ``[B, S, v / tp]`` under tensor parallelism, see
+        :meth:`gather_logits`). Only the input fields, ``position_ids`` and ``document_ids`` of ``batch``
         are read. With ``kv_cache`` the batch holds the new positions only (continuing positions); their
         keys/values are appended to the cache."""
         hidden = self.embedding(batch)
@@ -103,6 +114,12 @@ class GPTModel(nn.Module):
             else:
                 hidden = block(hidden, meta, kv_cache)
         return self.output(hidden)
+
+    @staticmethod
+    def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The full ``[..., v]`` logits from :meth:`forward`'s vocab-local ones (identity without tensor
+        parallelism; an all-gather over the TP group otherwise, so every TP rank must call it)."""
+        return gather_logits(logits)
 
     def loss_from_logits(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The scalar training loss of ``logits`` (float32; see :mod:`megatron_tfree.model.embedding`)."""

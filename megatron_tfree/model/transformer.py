@@ -18,9 +18,12 @@ Attention runs on one of two paths, chosen per forward by :func:`build_attention
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with a boolean block-causal mask
   (causal AND same document), everywhere else. Which path runs is logged once per path.
 
-Linear layers are created only through :func:`column_linear` / :func:`row_linear` so that the tensor
-parallel implementation can replace these two factories (ColumnParallelLinear / RowParallelLinear)
-without touching the model. Weight layouts are chosen to split cleanly along the output dimension:
+Linear layers are created only through :func:`column_linear` / :func:`row_linear`, which build
+:class:`~megatron_tfree.parallel.layers.ColumnParallelLinear` / ``RowParallelLinear`` (plain linears
+at tp=1): under tensor parallelism (``parallel.state.initialize(tp, pp)`` before the model is built)
+each rank holds ``kv_heads / tp`` KV groups of attention heads and about ``ffn / tp`` MLP features
+(uneven when ``tp`` does not divide ``ffn``), and the
+block's output is all-reduced. Weight layouts are chosen to split cleanly along the output dimension:
 
 * fused QKV: output features grouped per KV head, ``[kv_head][q_0 .. q_{g-1}, k, v][head_dim]`` with
   ``g = heads / kv_heads``, so a contiguous column split gives each rank whole KV groups;
@@ -44,6 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..parallel import state as parallel_state
+from ..parallel.init import divide
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 logger = logging.getLogger("megatron_tfree")
 
@@ -77,18 +83,32 @@ def init_stds(cfg: ModelConfig) -> tuple[float, float]:
     return cfg.init_std, cfg.init_std
 
 
-def column_linear(in_features: int, out_features: int, init_method: InitMethod) -> nn.Module:
-    """Bias-free linear whose output dimension a tensor-parallel version splits (QKV, gate|up, head)."""
-    layer = nn.Linear(in_features, out_features, bias=False)
-    init_method(layer.weight)
-    return layer
+def _as_nn_linear(init_method: InitMethod) -> InitMethod:
+    """``init_method`` preceded by ``nn.Linear``'s own default init (kaiming-uniform), which the model
+    drew before tensor parallelism existed: keeping that RNG draw keeps the weights of every seed
+    bit-identical to earlier versions (and layout-independent, see :mod:`megatron_tfree.parallel.init`)."""
+
+    def init(weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        init_method(weight)
+
+    return init
 
 
-def row_linear(in_features: int, out_features: int, init_method: InitMethod) -> nn.Module:
-    """Bias-free linear whose input dimension a tensor-parallel version splits (attention out, MLP down)."""
-    layer = nn.Linear(in_features, out_features, bias=False)
-    init_method(layer.weight)
-    return layer
+def column_linear(in_features: int, out_features: int, init_method: InitMethod, stride: int = 1,
+                  name: str = "output features") -> nn.Module:
+    """Bias-free linear whose output dimension tensor parallelism splits (QKV, gate|up, head): a
+    :class:`~megatron_tfree.parallel.layers.ColumnParallelLinear` (a plain linear at tp=1) whose output
+    is this TP rank's slice; ``stride`` = number of fused blocks each rank takes a slice of."""
+    return ColumnParallelLinear(in_features, out_features, _as_nn_linear(init_method), stride=stride, name=name)
+
+
+def row_linear(in_features: int, out_features: int, init_method: InitMethod, name: str = "input features") -> nn.Module:
+    """Bias-free linear whose input dimension tensor parallelism splits (attention out, MLP down): a
+    :class:`~megatron_tfree.parallel.layers.RowParallelLinear` taking this rank's slice of the input
+    and returning the full (all-reduced) output."""
+    return RowParallelLinear(in_features, out_features, _as_nn_linear(init_method), name=name)
 
 
 def mlp_inner_size(cfg: ModelConfig) -> int:
@@ -252,8 +272,11 @@ class Attention(nn.Module):
         self.rotary_base = cfg.rotary_embedding_base
         std, out_std = init_stds(cfg)
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv = column_linear(cfg.hidden_size, qkv_out, init_method_normal(std))
-        self.dense = row_linear(self.num_heads * self.head_dim, cfg.hidden_size, init_method_normal(out_std))
+        kv_key = "model.num_kv_heads" if cfg.num_kv_heads else "model.num_attention_heads"
+        divide(self.num_kv_heads, parallel_state.get().tp, kv_key)  # each rank holds whole KV groups
+        self.qkv = column_linear(cfg.hidden_size, qkv_out, init_method_normal(std), name=kv_key)
+        self.dense = row_linear(self.num_heads * self.head_dim, cfg.hidden_size, init_method_normal(out_std),
+                                name=kv_key)
 
     def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         B, S, _ = x.shape
@@ -289,8 +312,10 @@ class SwiGLUMLP(nn.Module):
         super().__init__()
         std, out_std = init_stds(cfg)
         self.ffn = mlp_inner_size(cfg)
-        self.gate_up = column_linear(cfg.hidden_size, 2 * self.ffn, init_method_normal(std))
-        self.down = row_linear(self.ffn, cfg.hidden_size, init_method_normal(out_std))
+        key = "SwiGLU inner size int(model.mlp_factor * model.hidden_size)"
+        # uneven TP splits are fine here (the reference's sizes are often odd: 683)
+        self.gate_up = column_linear(cfg.hidden_size, 2 * self.ffn, init_method_normal(std), stride=2, name=key)
+        self.down = row_linear(self.ffn, cfg.hidden_size, init_method_normal(out_std), name=key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

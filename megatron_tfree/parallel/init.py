@@ -10,6 +10,11 @@ stage)`` only. Without tensor parallelism the full weight *is* the parameter, so
 what the model drew before tensor parallelism existed (bit-identical weights and checkpoints).
 Only one full weight exists at a time (the largest is the embedding or head, ``v x h``).
 
+Uneven splits: where ``tp`` does not divide a split dimension (the SwiGLU inner size, which the
+reference truncates to odd values such as 683) the first ``size % tp`` ranks hold one more entry
+(:func:`block_part`); the model stays the same for every layout. Heads and the vocabulary are
+split evenly and must be divisible (:func:`divide`).
+
 Strided shards (``stride > 1``) serve fused weights: the output dimension is ``stride`` equal
 blocks (SwiGLU ``[gate | up]``: stride 2) and a rank keeps its ``1/tp`` of every block,
 concatenated in block order, so ``gate, up = local_out.chunk(2, -1)`` stays aligned per rank.
@@ -24,7 +29,8 @@ import torch
 from . import state
 from .state import LayoutError
 
-__all__ = ["LayoutError", "divide", "shard_indices", "local_shard", "init_sharded", "vocab_range", "mark_sharded"]
+__all__ = ["LayoutError", "divide", "block_part", "shard_size", "shard_indices", "local_shard", "init_sharded", "vocab_range", "mark_sharded",
+           "gather_shards", "full_weight"]
 
 
 def divide(size: int, tp: int, what: str) -> int:
@@ -34,12 +40,24 @@ def divide(size: int, tp: int, what: str) -> int:
     return size // tp
 
 
+def block_part(block: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """``(start, length)`` of rank ``tp_rank``'s part of a block of ``block`` entries: equal parts, the
+    first ``block % tp`` ranks one entry more when ``tp`` does not divide ``block`` (uneven split)."""
+    base, extra = divmod(block, tp)
+    return tp_rank * base + min(tp_rank, extra), base + (tp_rank < extra)
+
+
+def shard_size(size: int, tp: int, tp_rank: int, stride: int = 1) -> int:
+    """Number of entries of rank ``tp_rank``'s shard of a dimension of ``size`` (``stride`` blocks)."""
+    return stride * block_part(size // stride, tp, tp_rank)[1]
+
+
 def shard_indices(size: int, tp: int, tp_rank: int, stride: int = 1) -> torch.Tensor:
-    """Indices (along the split dimension of the full weight) of rank ``tp_rank``'s shard."""
+    """Indices (along the split dimension of the full weight) of rank ``tp_rank``'s shard: its part of
+    each of the ``stride`` blocks, in block order."""
     block = size // stride
-    part = block // tp
-    return torch.cat([torch.arange(b * block + tp_rank * part, b * block + (tp_rank + 1) * part)
-                      for b in range(stride)])
+    start, length = block_part(block, tp, tp_rank)
+    return torch.cat([torch.arange(b * block + start, b * block + start + length) for b in range(stride)])
 
 
 def local_shard(full: torch.Tensor, dim: int, tp: int, tp_rank: int, stride: int = 1) -> torch.Tensor:
@@ -63,7 +81,7 @@ def init_sharded(weight: torch.Tensor, full_shape: tuple[int, ...], init_method:
     del full
 
 
-def mark_sharded(param: torch.Tensor, partition_dim: int, stride: int = 1) -> None:
+def mark_sharded(param: torch.Tensor, partition_dim: int, stride: int = 1, full_size: int | None = None) -> None:
     """Tag a TP-sharded parameter the way Megatron and DeepSpeed read it.
 
     DeepSpeed (``runtime.utils.is_model_parallel_parameter``, used by its gradient-norm / clipping and
@@ -75,6 +93,7 @@ def mark_sharded(param: torch.Tensor, partition_dim: int, stride: int = 1) -> No
     param.model_parallel = True
     param.partition_dim = partition_dim
     param.partition_stride = stride
+    param.partition_full_size = full_size if full_size is not None else param.shape[partition_dim] * state.get().tp
 
 
 def vocab_range(vocab_size: int, key: str = "tokenizer.vocab_size") -> tuple[int, int]:
@@ -83,3 +102,30 @@ def vocab_range(vocab_size: int, key: str = "tokenizer.vocab_size") -> tuple[int
     s = state.get()
     part = divide(vocab_size, s.tp, key)
     return s.tp_rank * part, (s.tp_rank + 1) * part
+
+
+def gather_shards(shard: torch.Tensor, partition_dim: int, stride: int = 1, full_size: int | None = None) -> torch.Tensor:
+    """The full tensor (``full_size`` along ``partition_dim``, default ``tp x`` the shard's) from every TP
+    rank's ``shard`` (collective over the TP group; the inverse of :func:`local_shard`, uneven and
+    strided shards put back in order). Identity at tp=1."""
+    from .mappings import all_gather_along  # local import: mappings imports nothing from here
+
+    s = state.get()
+    if s.tp == 1:
+        return shard
+    size = full_size if full_size is not None else shard.shape[partition_dim] * s.tp
+    sizes = [shard_size(size, s.tp, r, stride) for r in range(s.tp)]
+    gathered = all_gather_along(shard.detach(), partition_dim, sizes)  # rank-major [r][block][part]
+    order = torch.cat([shard_indices(size, s.tp, r, stride) for r in range(s.tp)])  # full index of each gathered row
+    return torch.empty_like(gathered).index_copy_(partition_dim, order, gathered)
+
+
+def full_weight(param: torch.Tensor, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The full value of a (possibly TP-sharded) parameter, or of ``tensor`` laid out like it (e.g. its
+    ``.grad``), on every TP rank. Replicated parameters are returned as they are. Collective for sharded
+    parameters: every TP rank must call it, for the same parameters in the same order."""
+    value = param if tensor is None else tensor
+    if not getattr(param, "tensor_model_parallel", False):
+        return value
+    return gather_shards(value, param.partition_dim, getattr(param, "partition_stride", 1),
+                         getattr(param, "partition_full_size", None))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import state
-from .init import divide, init_sharded, mark_sharded
+from .init import LayoutError, divide, init_sharded, mark_sharded, shard_size
 from .mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
@@ -37,7 +37,8 @@ class ColumnParallelLinear(nn.Module):
     """Bias-free linear ``in -> out`` with the output features split over the TP group.
 
     Args:
-        in_features, out_features: the full layer's sizes (``out`` divisible by ``tp * stride``).
+        in_features, out_features: the full layer's sizes (``out`` divisible by ``stride``; by
+            ``tp * stride`` with ``gather_output``, else ranks may hold uneven parts, see :mod:`.init`).
         init_method: in-place initialiser applied to the *full* ``[out, in]`` weight.
         gather_output: return the full ``[..., out]`` output on every rank instead of the local slice.
         stride: the output is ``stride`` equal fused blocks (e.g. 2 for ``[gate | up]``); each rank
@@ -53,10 +54,13 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.stride, self.sequence_parallel = gather_output, stride, sequence_parallel
         divide(out_features, stride, name)
-        self.out_per_rank = divide(out_features, s.tp * stride, name) * stride
+        if gather_output and out_features % (s.tp * stride):
+            raise LayoutError(f"{name} ({out_features}) is not divisible by parallel.tensor ({s.tp}) * stride "
+                              f"({stride}); gather_output needs equal parts")
+        self.out_per_rank = shard_size(out_features, s.tp, s.tp_rank, stride)
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features))
         init_sharded(self.weight, (out_features, in_features), init_method, partition_dim=0, stride=stride)
-        mark_sharded(self.weight, partition_dim=0, stride=stride)
+        mark_sharded(self.weight, partition_dim=0, stride=stride, full_size=out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x) if self.sequence_parallel else copy_to_tp(x)
@@ -79,7 +83,8 @@ class RowParallelLinear(nn.Module):
     """Bias-free linear ``in -> out`` with the input features split over the TP group.
 
     Args:
-        in_features, out_features: the full layer's sizes (``in`` divisible by ``tp``).
+        in_features, out_features: the full layer's sizes (``in`` divisible by ``tp`` unless
+            ``input_is_parallel``: then uneven parts matching the column layer's are fine).
         init_method: in-place initialiser applied to the *full* ``[out, in]`` weight.
         input_is_parallel: the input already holds this rank's ``in / tp`` features (the output of a
             :class:`ColumnParallelLinear`); otherwise the full input is split here.
@@ -93,10 +98,12 @@ class RowParallelLinear(nn.Module):
         s = state.get()
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
-        self.in_per_rank = divide(in_features, s.tp, name)
+        if not input_is_parallel:  # the input split needs equal parts
+            divide(in_features, s.tp, name)
+        self.in_per_rank = shard_size(in_features, s.tp, s.tp_rank)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank))
         init_sharded(self.weight, (out_features, in_features), init_method, partition_dim=1)
-        mark_sharded(self.weight, partition_dim=1)
+        mark_sharded(self.weight, partition_dim=1, full_size=in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:

@@ -60,14 +60,22 @@ def split_along(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.narrow(dim, s.tp_rank * (size // s.tp), size // s.tp).contiguous()
 
 
-def all_gather_along(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Concatenation along ``dim`` of every TP rank's ``x`` (in TP-rank order)."""
+def all_gather_along(x: torch.Tensor, dim: int, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenation along ``dim`` of every TP rank's ``x`` (in TP-rank order); ``sizes`` gives each
+    rank's extent along ``dim`` when they differ (uneven shards: padded to the largest, then trimmed)."""
     s = state.get()
     if s.tp == 1:
         return x
+    width = max(sizes) if sizes else x.shape[dim]
+    if x.shape[dim] < width:
+        pad = list(x.shape)
+        pad[dim] = width - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad)], dim=dim)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(s.tp)]
     dist.all_gather(parts, x, group=s.tp_group)
+    if sizes:
+        parts = [p.narrow(dim, 0, n) for p, n in zip(parts, sizes)]
     return torch.cat(parts, dim=dim)
 
 

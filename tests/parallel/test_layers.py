@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 from distributed import run_distributed
 from megatron_tfree.parallel import state
-from megatron_tfree.parallel.init import LayoutError, local_shard
+from megatron_tfree.parallel.init import LayoutError, full_weight, local_shard
 from megatron_tfree.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -18,6 +18,11 @@ def _init(w):
 def _build(cls, *args, **kw):
     torch.manual_seed(7)
     return cls(*args, _init, **kw)
+
+
+def _swiglu(gate_up, down, x):
+    gate, up = gate_up(x).chunk(2, -1)
+    return down(F.silu(gate) * up)
 
 
 def _run(layer_fn, x, up):
@@ -45,12 +50,14 @@ def _check(rank, world):
         inp = x if cls is ColumnParallelLinear else torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(1))
         y, gx = _run(layer, inp, up)
         twins[name] = (layer.weight.detach().clone(), layer.weight.grad.clone(), y, gx, inp)
-    # twin of a SwiGLU MLP: gate|up (stride 2) then down
-    torch.manual_seed(3)
-    gu, down = ColumnParallelLinear(8, 12, _init, stride=2), RowParallelLinear(6, 8, _init)
-    mlp = lambda t: down(F.silu(gu(t).chunk(2, -1)[0]) * gu(t).chunk(2, -1)[1])  # noqa: E731
-    y_mlp, gx_mlp = _run(mlp, x, up8)
-    mlp_twin = (gu.weight.detach().clone(), gu.weight.grad.clone(), down.weight.detach().clone(), down.weight.grad.clone())
+    # twins of a SwiGLU MLP: gate|up (stride 2) then down; inner size 6 (even split) and 5 (uneven: 3 + 2)
+    mlp_twins = {}
+    for ffn in (6, 5):
+        torch.manual_seed(3)
+        gu, down = ColumnParallelLinear(8, 2 * ffn, _init, stride=2), RowParallelLinear(ffn, 8, _init)
+        y_mlp, gx_mlp = _run(lambda t: _swiglu(gu, down, t), x, up8)
+        mlp_twins[ffn] = (gu.weight.detach().clone(), gu.weight.grad.clone(), down.weight.detach().clone(),
+                          down.weight.grad.clone(), y_mlp, gx_mlp)
 
     s = state.initialize(tp=world, pp=1)
     r, tp = s.tp_rank, s.tp
@@ -74,19 +81,24 @@ def _check(rank, world):
         assert_close(gx_p, gx)  # replicated input: the full input gradient on every rank
 
     # SwiGLU: each rank holds its slice of gate AND of up, aligned with its rows of down
-    torch.manual_seed(3)
-    gu, down = ColumnParallelLinear(8, 12, _init, stride=2), RowParallelLinear(6, 8, _init)
-    assert_close(gu.weight.detach(), torch.cat([mlp_twin[0][:6].chunk(tp)[r], mlp_twin[0][6:].chunk(tp)[r]]))
-    assert_close(down.weight.detach(), local_shard(mlp_twin[2], 1, tp, r))
-    mlp = lambda t: down(F.silu(gu(t).chunk(2, -1)[0]) * gu(t).chunk(2, -1)[1])  # noqa: E731
-    y_p, gx_p = _run(mlp, x, up8)
-    assert_close(y_p, y_mlp)
-    assert_close(gx_p, gx_mlp)
-    assert_close(gu.weight.grad, local_shard(mlp_twin[1], 0, tp, r, 2))
-    assert_close(down.weight.grad, local_shard(mlp_twin[3], 1, tp, r))
+    for ffn, (w_gu, g_gu, w_down, g_down, y_mlp, gx_mlp) in mlp_twins.items():
+        torch.manual_seed(3)
+        gu, down = ColumnParallelLinear(8, 2 * ffn, _init, stride=2), RowParallelLinear(ffn, 8, _init)
+        part = slice(0, 3) if (ffn == 5 and r == 0) else slice(3, 5) if ffn == 5 else slice(r * 3, r * 3 + 3)
+        assert_close(gu.weight.detach(), torch.cat([w_gu[:ffn][part], w_gu[ffn:][part]]))
+        assert_close(down.weight.detach(), w_down[:, part])
+        y_p, gx_p = _run(lambda t: _swiglu(gu, down, t), x, up8)
+        assert_close(y_p, y_mlp)
+        assert_close(gx_p, gx_mlp)
+        assert_close(gu.weight.grad, torch.cat([g_gu[:ffn][part], g_gu[ffn:][part]]))
+        assert_close(down.weight.grad, g_down[:, part])
+        assert torch.equal(full_weight(gu.weight), w_gu) and torch.equal(full_weight(down.weight), w_down)
+        assert_close(full_weight(gu.weight, gu.weight.grad), g_gu)
 
+    with pytest.raises(LayoutError, match=r"output features \(10\) is not divisible by parallel.tensor \(2\) \* stride"):
+        ColumnParallelLinear(8, 10, _init, stride=2, gather_output=True)
     with pytest.raises(LayoutError, match=r"model.mlp_factor .*\(7\) is not divisible by parallel.tensor \(2\)"):
-        RowParallelLinear(7, 8, _init, name="model.mlp_factor inner size")
+        RowParallelLinear(7, 8, _init, input_is_parallel=False, name="model.mlp_factor inner size")
     return True
 
 
