@@ -93,3 +93,34 @@ def test_layout_matches_single_process(cfg_factory, tmp_path_factory, kind, layo
     if layout[1] > 1:  # DeepSpeed pipeline checkpoints: one file per layer (embedding, blocks, output)
         assert sorted(p.name for p in got["tag_dir"].glob("layer_*-model_states.pt")) == [  # and TP shard
             f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in range(4) for t in range(layout[0])]
+
+
+def _resume(rank, world, cfg_full, cfg_cut):
+    from megatron_tfree.training import train
+
+    full = train(cfg_full).losses
+    first = train(cfg_cut, stop_after=3).losses  # interrupted after step 3 (checkpoint written)
+    rest = train(cfg_cut).losses  # resumes from save_dir/latest
+    return full, first, rest
+
+
+@pytest.mark.distributed
+def test_pipeline_zero1_resume_is_exact(cfg_factory, tmp_path):
+    sections = dict(model={"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4},
+                    training={"train_iterations": 5, "micro_batch_size": 1, "global_batch_size": 2,
+                              "eval_iterations": 0, "save_interval": 100},
+                    parallel={"pipe": 2, "zero_stage": 1})
+    full, first, rest = run_distributed(
+        _resume, world=2, args=(cfg_factory(tmp_path, "full", **sections), cfg_factory(tmp_path, "cut", **sections)))[0]
+    assert sorted(first) == [1, 2, 3] and sorted(rest) == [4, 5]
+    for step, loss in {**first, **rest}.items():
+        assert loss == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_world_size_not_divisible_by_layout_names_the_keys(cfg_factory, tmp_path):
+    from megatron_tfree.config import ConfigError
+    from megatron_tfree.training import train
+
+    cfg = cfg_factory(tmp_path, "bad", parallel={"tensor": 2, "pipe": 1})  # this process: world size 1
+    with pytest.raises(ConfigError, match=r"parallel\.tensor \* parallel\.pipe"):
+        train(cfg)
