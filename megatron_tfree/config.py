@@ -386,5 +386,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("parallel.tensor", f"({p.tensor}) must divide model.num_attention_heads ({m.num_attention_heads})")
     if kv % p.tensor:
         bad("parallel.tensor", f"({p.tensor}) must divide the number of KV heads ({kv})")
+    if p.sequence_parallel:
+        bad("parallel.sequence_parallel", "is not supported yet (the collectives exist; the model does not use "
+            "them); leave it false")
     if p.pipe > m.num_layers:
         bad("parallel.pipe", f"({p.pipe}) must be <= model.num_layers ({m.num_layers})")

@@ -54,6 +54,7 @@ def test_overrides_are_typed_and_applied(tmp_path):
         ({}, ["model.num_kv_heads=3"], r"model\.num_kv_heads"),
         ({}, ["parallel.pipe=2", "parallel.zero_stage=2"], r"parallel\.zero_stage"),
         ({}, ["parallel.tensor=3"], r"parallel\.tensor"),
+        ({}, ["parallel.sequence_parallel=true"], r"parallel\.sequence_parallel is not supported yet"),
         ({}, ["training.min_lr=1.0"], r"training\.min_lr"),
         ({}, ["training.global_batch_size=12"], r"training\.global_batch_size"),
         ({}, ["model.dropout=1.5"], r"model\.dropout"),
