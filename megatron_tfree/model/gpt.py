@@ -64,6 +64,21 @@ class OutputLayer(nn.Module):
         return self.head.loss(logits, batch)
 
 
+def build_stage(cfg: ModelConfig, kind: str, vocab_size: int, seed: int, stage_index: int) -> nn.Module:
+    """Stage ``stage_index`` of the model, built under ``seeded(seed, stage_index)``: 0 is the
+    embedding, ``1..L`` the transformer blocks, ``L + 1`` the output layer. The one place layers are
+    constructed, so a pipeline stage built alone has exactly the weights of the full model's."""
+    L = cfg.num_layers
+    if not 0 <= stage_index <= L + 1:
+        raise ValueError(f"stage_index must be in [0, {L + 1}], got {stage_index}")
+    with seeded(seed, stage_index):
+        if stage_index == 0:
+            return build_embedding(cfg, kind, vocab_size)
+        if stage_index <= L:
+            return TransformerBlock(cfg, stage_index - 1)
+        return OutputLayer(cfg, kind, vocab_size)
+
+
 class GPTModel(nn.Module):
     """Decoder-only LM for ``tokenizer_kind`` ``tfree`` or ``classic``.
 
@@ -83,15 +98,9 @@ class GPTModel(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         L = model_cfg.num_layers
-        with seeded(seed, 0):
-            self.embedding = build_embedding(model_cfg, tokenizer_kind, vocab_size)
-        blocks = []
-        for i in range(L):
-            with seeded(seed, i + 1):
-                blocks.append(TransformerBlock(model_cfg, i))
-        self.blocks = nn.ModuleList(blocks)
-        with seeded(seed, L + 1):
-            self.output = OutputLayer(model_cfg, tokenizer_kind, vocab_size)
+        self.embedding = build_stage(model_cfg, tokenizer_kind, vocab_size, seed, 0)
+        self.blocks = nn.ModuleList(build_stage(model_cfg, tokenizer_kind, vocab_size, seed, i + 1) for i in range(L))
+        self.output = build_stage(model_cfg, tokenizer_kind, vocab_size, seed, L + 1)
 
     def layers(self) -> list[nn.Module]:
         """The stages in order: embedding, block_0 .. block_{L-1}, output (final norm + head)."""

@@ -35,9 +35,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.batch import Batch
-from .embedding import build_embedding
-from .gpt import OutputLayer, make_input_batch, seeded
-from .transformer import TransformerBlock, build_attention_meta
+from .gpt import OutputLayer, build_stage, make_input_batch
+from .transformer import build_attention_meta
 
 PipeInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 PipeLabels = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -66,8 +65,7 @@ class PipeEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kind: str, vocab_size: int, seed: int):
         super().__init__()
-        with seeded(seed, 0):
-            self.layer = build_embedding(cfg, kind, vocab_size)
+        self.layer = build_stage(cfg, kind, vocab_size, seed, 0)
 
     def forward(self, inputs: PipeInputs) -> Carry:
         offsets, ids, position_ids, document_ids = inputs
@@ -81,8 +79,7 @@ class PipeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, seed: int):
         super().__init__()
         self.attention_kind = cfg.attention
-        with seeded(seed, index + 1):
-            self.layer = TransformerBlock(cfg, index)
+        self.layer = build_stage(cfg, "tfree", 0, seed, index + 1)  # blocks do not depend on kind/vocab
 
     def forward(self, inputs: Carry) -> Carry:
         hidden, position_ids, document_ids = inputs
@@ -95,8 +92,7 @@ class PipeOutput(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kind: str, vocab_size: int, seed: int):
         super().__init__()
-        with seeded(seed, cfg.num_layers + 1):
-            self.layer = OutputLayer(cfg, kind, vocab_size)
+        self.layer = build_stage(cfg, kind, vocab_size, seed, cfg.num_layers + 1)
 
     def forward(self, inputs: Carry) -> torch.Tensor:
         return self.layer(inputs[0])

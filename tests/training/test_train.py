@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from megatron_tfree.config import ConfigError
 from megatron_tfree.model import GPTModel
