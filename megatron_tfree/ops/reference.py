@@ -23,7 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["embedding_bag", "tfree_bce_loss", "cross_entropy_loss", "multi_hot"]
+__all__ = ["embedding_bag", "tfree_bce_loss", "tfree_head_loss", "cross_entropy_loss", "multi_hot", "shard_targets"]
+
+#: vocabulary rows per chunk of the fused head + loss (an ``[N, chunk]`` fp32 logits block at a time)
+DEFAULT_CHUNK_SIZE = 4096
 
 
 def embedding_bag(weight: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
@@ -100,6 +103,47 @@ def tfree_bce_loss(
         logits.float(), target, weight=weights.reshape(n, 1).float(), pos_weight=pw, reduction="mean"
     )
     return loss * loss_scale
+
+
+def shard_targets(target_offsets: torch.Tensor, target_ids: torch.Tensor, vocab_start: int,
+                  v_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR target sets restricted to ``[vocab_start, vocab_start + v_local)`` and shifted to local ids."""
+    local = target_ids.long() - vocab_start
+    keep = (local >= 0) & (local < v_local)
+    kept_before = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.long().cumsum(0)])
+    return kept_before[target_offsets.long()], local[keep]
+
+
+def tfree_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_offsets: torch.Tensor,
+    target_ids: torch.Tensor,
+    weights: torch.Tensor,
+    pos_weight: float,
+    loss_scale: float,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Output head + T-Free loss: :func:`tfree_bce_loss` of ``hidden @ weight.T`` (a vocabulary shard).
+
+    ``loss_scale * sum_{n, j local} w_n * bce(n, j) / (N * vocab_size)``: with a shard
+    (``weight`` = rows ``vocab_start .. vocab_start + v_local - 1``) this is the shard's part of the
+    global loss (target ids outside the shard are ignored); summed over the tensor-parallel ranks it is
+    the full loss. ``vocab_size`` (global ``v``) defaults to ``v_local``.
+
+    This reference materialises the ``[N, v_local]`` logits (in ``hidden``'s dtype, as the unfused
+    model does); ``chunk_size`` (positive) only matters to the fused kernels, which never hold more
+    than ``[N, chunk_size]`` logits. The loss is float32.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    v_local = weight.shape[0]
+    v = v_local if vocab_size is None else int(vocab_size)
+    offsets, ids = shard_targets(target_offsets, target_ids, vocab_start, v_local)
+    logits = hidden @ weight.t()
+    return tfree_bce_loss(logits, offsets, ids, weights, pos_weight, loss_scale) * (v_local / v)
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -63,13 +63,24 @@ def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 class _Block:
     """An immutable run of dictionary words with their CSR patterns."""
 
-    __slots__ = ("words", "counts", "offsets", "ids", "edge", "c", "_index", "_matrix")
+    __slots__ = ("words", "counts", "offsets", "ids", "edge", "c", "_index", "_matrix", "_native")
 
     def __init__(self, words: list[str], counts: np.ndarray, offsets: np.ndarray, ids: np.ndarray,
                  edge: np.ndarray, c: np.ndarray):
         self.words, self.counts, self.offsets, self.ids, self.edge, self.c = words, counts, offsets, ids, edge, c
         self._index: Optional[dict[str, int]] = None
         self._matrix: dict[tuple[float, str], torch.Tensor] = {}
+        self._native: Optional[tuple[torch.Tensor, ...]] = None
+
+    def native(self) -> tuple[torch.Tensor, ...]:
+        """``(offsets int64, ids int32, edge uint8, c int32)`` CPU tensors for the C++ kernel (zero-copy, cached)."""
+        if self._native is None:
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only use
+            self._native = (torch.from_numpy(np.ascontiguousarray(self.offsets, dtype=np.int64)),
+                            torch.from_numpy(np.ascontiguousarray(self.ids, dtype=np.int32)),
+                            torch.from_numpy(np.ascontiguousarray(self.edge, dtype=bool).view(np.uint8)),
+                            torch.from_numpy(np.ascontiguousarray(self.c, dtype=np.int32)))
+        return self._native
 
     def __len__(self) -> int:
         return len(self.words)
@@ -322,9 +333,19 @@ class DecodeDictionary:
 
     # ------------------------------------------------------------------ scoring
     def score(self, logits: torch.Tensor, edge_weight: float = 1.0) -> torch.Tensor:
-        """``[B, v]`` head logits -> ``[B, n_words]`` float32 scores (formula in the module docstring)."""
+        """``[B, v]`` head logits -> ``[B, n_words]`` float32 scores (formula in the module docstring).
+
+        With the ``cpp`` ops backend active and CPU logits, the C++ kernel scores the words (parallel
+        over words, same formula and results); otherwise the torch sparse-matmul path below runs.
+        """
         if logits.ndim != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"score expects logits [B, {self.vocab_size}], got {tuple(logits.shape)}")
+        from .. import ops
+
+        kernel = ops.native_decode_scores() if logits.device.type == "cpu" else None
+        if kernel is not None:
+            parts = [kernel(logits, *b.native(), self.vocab_population, edge_weight) for b in self._blocks if len(b)]
+            return torch.cat(parts, dim=1) if parts else logits.new_zeros(logits.shape[0], 0, dtype=torch.float32)
         p = torch.sigmoid(logits.float())
         total = p.sum(dim=1, keepdim=True)  # [B, 1]
         m, v = self.vocab_population, self.vocab_size
