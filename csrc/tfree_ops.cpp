@@ -330,6 +330,25 @@ at::Tensor decode_scores(const at::Tensor& logits, const at::Tensor& offsets, co
   float* y = out.data_ptr<float>();
   const float e = static_cast<float>(edge_weight);
   std::atomic<bool> bad{false};
+  if (B == 1) {  // greedy decoding: one branch-free gather-sum per word (ids clamped, then checked)
+    const uint32_t vmax = static_cast<uint32_t>(std::max<int64_t>(v, 1) - 1);
+    at::parallel_for(0, W, 2048, [&](int64_t b0, int64_t b1) {
+      uint32_t worst = 0;
+      for (int64_t wd = b0; wd < b1; ++wd) {
+        float s = 0.0f;
+        for (int64_t k = o[wd]; k < o[wd + 1]; ++k) {
+          const uint32_t id = static_cast<uint32_t>(idp[k]);
+          worst = std::max(worst, id);
+          s += (ep[k] ? e : 1.0f) * P[std::min(id, vmax)];
+        }
+        const float mc = static_cast<float>(cp[wd]) * static_cast<float>(m);
+        y[wd] = s / mc + (s - total[0]) / std::max(static_cast<float>(v) - mc, 1.0f);
+      }
+      if (static_cast<int64_t>(worst) >= v) bad.store(true, std::memory_order_relaxed);
+    });
+    TORCH_CHECK(!bad.load(), "tfree_ops: decode_scores: a pattern id lies outside [0, ", v, ")");
+    return out;
+  }
   at::parallel_for(0, W, 1024, [&](int64_t b0, int64_t b1) {
     std::vector<float> S(B);
     for (int64_t wd = b0; wd < b1; ++wd) {

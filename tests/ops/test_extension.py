@@ -187,19 +187,19 @@ def random_dictionary(n_words, v, m, gen):
     return DecodeDictionary.from_patterns(entries, v, m)
 
 
-@pytest.mark.parametrize("edge_weight", [1.0, 0.4])
-def test_decode_scores_match_torch_path(ext, edge_weight):
+@pytest.mark.parametrize("edge_weight,batch", [(1.0, 3), (0.4, 3), (0.4, 1)])  # batch 1: the greedy fast path
+def test_decode_scores_match_torch_path(ext, edge_weight, batch):
     gen = torch.Generator().manual_seed(8)
     d1, d2 = random_dictionary(300, 500, 4, gen), random_dictionary(50, 500, 4, gen)
     d = DecodeDictionary([*d1._blocks, *d2._blocks], 500, 4, {})  # two blocks, as after add_words
-    logits = torch.randn(3, 500, generator=gen).bfloat16()
+    logits = torch.randn(batch, 500, generator=gen).bfloat16()
     ops.set_backend("reference")
     try:
         ref = d.score(logits, edge_weight)
     finally:
         ops.set_backend("cpp")
     out = d.score(logits, edge_weight)
-    assert out.shape == (3, 350) and out.dtype == torch.float32
+    assert out.shape == (batch, 350) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d.log_probs(logits, edge_weight), torch.log_softmax(ref, 1), rtol=1e-5, atol=1e-5)
     offsets, ids, edge, c = d1._blocks[0].native()
