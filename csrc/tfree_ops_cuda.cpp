@@ -211,7 +211,7 @@ std::vector<at::Tensor> head_loss(const at::Tensor& hidden_in, const at::Tensor&
   for (int64_t j0 = 0; j0 < V; j0 += chunk) {
     const int64_t C = std::min(chunk, V - j0);
     const at::Tensor wc = weight.narrow(0, j0, C);  // [C, h], contiguous
-    at::Tensor x = at::mm(hidden, wc.t());           // [N, C] logits of this chunk
+    at::Tensor x = at::mm(hidden, wc.t()).contiguous();  // [N, C] logits of this chunk
     bce_columns(x, C, C, vocab_start + j0, t_off, t_ids, w, pos_weight, coef, grad, row_loss);
     if (grad) {
       if (fp32) {
