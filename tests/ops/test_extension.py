@@ -216,7 +216,9 @@ def test_backend_registry_and_log(ext, caplog):
     ops.set_backend("cpp")
     with caplog.at_level(logging.INFO, logger="megatron_tfree"):
         ops.embedding_bag(torch.ones(3, 2), torch.tensor([0, 1]), torch.tensor([1]))
-    assert "ops backend: cpp" in caplog.text and "torch_extensions" in caplog.text
+    # the log names where the kernels came from: the .so setup.py built, or the cached JIT build
+    assert "ops backend: cpp" in caplog.text
+    assert "prebuilt" in caplog.text or "torch_extensions" in caplog.text
     assert ops.native_decode_scores() is extension.decode_scores
 
 
