@@ -5,6 +5,10 @@ holding, beside DeepSpeed's files, ``config.yaml``, the tokenizer (in ``tokenize
 the tag directory), ``word_counts.json`` and, once ``tools/generate_tokenizer.py`` ran, the decode
 dictionary ``decode_dictionary.safetensors`` + ``decode_dictionary.json``.
 
+A consolidated directory (``tools/convert_checkpoint.py``: any layout -> full fp32 tensors) is read
+like a tag directory. A tensor- or pipeline-parallel DeepSpeed checkpoint is refused with an error
+telling the user to convert it (converting needs the source layout's processes, not cheap).
+
 Weights, first found wins: ``model.safetensors`` (a consolidated export, e.g. of a ZeRO-3 run), then
 DeepSpeed's ``mp_rank_00_model_states.pt`` (state dict under ``"module"``). Every ``torch.load`` uses
 ``weights_only=True``; nothing here unpickles arbitrary objects. A ZeRO-3 checkpoint stores its
@@ -118,13 +122,24 @@ def consolidate_zero_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
     return _strip_prefix({k: v.float() for k, v in state.items()})
 
 
+def _check_single_layout(tag_dir: Path) -> None:
+    """Refuse a tensor- or pipeline-parallel DeepSpeed checkpoint (its weights are split over files)."""
+    split = sorted(p.name for p in tag_dir.glob("layer_*-model_states.pt"))[:1] + \
+        sorted(p.name for p in tag_dir.glob("mp_rank_0[1-9]*_model_states.pt"))[:1]
+    if split:
+        raise ValueError(f"{tag_dir}: a tensor/pipeline-parallel DeepSpeed checkpoint (e.g. {split[0]}); inference "
+                         f"reads layout-free checkpoints: run `python tools/convert_checkpoint.py {tag_dir} OUT_DIR` "
+                         f"and load OUT_DIR")
+
+
 def load_model_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The model's full state dict from a tag directory (see the module docstring)."""
     st = tag_dir / SAFETENSORS_FILE
-    if st.is_file():
+    if st.is_file():  # also the fast path of a consolidated directory (tools/convert_checkpoint.py)
         from safetensors.torch import load_file
 
         return _strip_prefix(load_file(str(st)))
+    _check_single_layout(tag_dir)
     pt = tag_dir / MODEL_STATES_FILE
     if not pt.is_file() and any(tag_dir.glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")):
         return consolidate_zero_checkpoint(tag_dir)

@@ -12,6 +12,9 @@ Layout of ``{save_dir}``::
         word_counts.json         target words seen in training so far (all ranks summed)
     metrics.jsonl, loss.png, tensorboard/
 
+``training.load_dir`` may also name a layout-free (consolidated) directory, recognised by its
+``consolidated.json`` marker (:mod:`.consolidate`); it resumes at any (TP, PP, DP, ZeRO) layout.
+
 DeepSpeed's own ``.pt`` files are loaded with ``torch.load(weights_only=True)`` too
 (:func:`_weights_only_loads`), allowing just the few DeepSpeed classes its optimizer states contain.
 
@@ -234,6 +237,10 @@ def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> tuple[Tra
     state_path = tag_dir / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete: {STATE_FILE} is missing")
+    from megatron_tfree.training import consolidate
+
+    if consolidate.is_consolidated(tag_dir):  # layout-free checkpoint: any layout resumes from it
+        return consolidate.load_consolidated(engine, tag_dir)
     with _weights_only_loads(engine):
         load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
