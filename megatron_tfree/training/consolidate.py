@@ -23,7 +23,8 @@ also under a pipeline), ZeRO 1/2 and bf16 (``safe_get_full_fp32_param`` /
 The TP shards are then all-gathered (:func:`megatron_tfree.parallel.init.full_weight`: partition dim,
 uneven parts, SwiGLU stride 2, QKV grouped by KV head are all in the parameter's metadata), and one
 rank per pipeline stage writes that stage's tensors; the parent merges the parts and renames the
-temporary directory into place. Not covered: fp16 with ZeRO 0 (DeepSpeed's FP16_Optimizer keeps
+temporary directory into place. Checked: (2,2,1) ZeRO 0 -> consolidated -> resumed at (1,1,1),
+(1,2,1), and written back at (1,1,2) ZeRO 1/2/3 and (2,1,1) ZeRO 1, exact. Not covered: fp16 with ZeRO 0 (DeepSpeed's FP16_Optimizer keeps
 its fp32 master weights outside the safe_* APIs; the error says so).
 
 Cost for a 7B model: the conversion needs the source world size (e.g. 64 ranks for TP2 x PP2 x DP16) as
@@ -89,17 +90,17 @@ def _prepare_optimizer(engine: Any, step: Optional[int] = None) -> Any:
     if engine.zero_optimization_stage() == 0 and engine.fp16_enabled():
         raise NotImplementedError("training.precision=fp16 with parallel.zero_stage=0 (DeepSpeed's FP16_Optimizer) "
                                   "is not supported by checkpoint consolidation; use bf16/fp32 or ZeRO >= 1")
-    basic = engine.basic_optimizer
-    for group in basic.param_groups:
-        for p in group["params"]:
-            st = basic.state[p]
-            if not st:
-                st.update(exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                          exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
-                          step=torch.tensor(0.0, dtype=_scalar_dtype()))
-            if step is not None:
-                st["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
-    wrapper = engine.optimizer
+    basic, wrapper = engine.basic_optimizer, engine.optimizer
+    updated = [p for group in basic.param_groups for p in group["params"]]
+    updated += list(getattr(wrapper, "fp32_partitioned_groups_flat", []))  # ZeRO 3 (param_groups empty)
+    for p in updated:
+        st = basic.state[p]
+        if not st:
+            st.update(exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+                      step=torch.tensor(0.0, dtype=_scalar_dtype()))
+        if step is not None:
+            st["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
     if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, bf16: fragment views
         wrapper._hp_optimizer_states_linked = False
         wrapper._lazy_init_hp_params_optimizer_state()
@@ -262,25 +263,32 @@ def load_consolidated(engine: Any, tag_dir: str | os.PathLike) -> tuple[Any, Any
     return state, counts
 
 
-def _import_rank(src: Path, out: Path, tensor: int, pipe: int, zero_stage: Optional[int]) -> Optional[str]:
-    """Rank body of :func:`to_deepspeed`: build the engine at the new layout, resume from the
-    consolidated ``src`` (the trainer's own resume path) and save a DeepSpeed checkpoint into ``out``."""
-    from megatron_tfree.config import load_config
+def _target_config(src: Path, out: Path, tensor: int, pipe: int, zero_stage: Optional[int]) -> Any:
+    """The consolidated checkpoint's config at the new layout, validated (errors name the key)."""
+    from megatron_tfree.config import Config, load_config
+    from megatron_tfree.training import checkpoint as ckpt
+
+    data = load_config(src / ckpt.CONFIG_FILE).to_dict()
+    data["parallel"].update(tensor=tensor, pipe=pipe)
+    if zero_stage is not None:
+        data["parallel"]["zero_stage"] = zero_stage
+    data["training"].update(save_dir=str(out), load_dir=str(src))
+    return Config.from_dict(data, source=f"{src / ckpt.CONFIG_FILE} at layout TP={tensor}, PP={pipe}")
+
+
+def _import_rank(src: Path, tmp: Path, cfg: Any) -> Optional[str]:
+    """Rank body of :func:`to_deepspeed`: build the engine at ``cfg``'s layout, resume from the
+    consolidated ``src`` (the trainer's own resume path) and save a DeepSpeed checkpoint into ``tmp``."""
     from megatron_tfree.tokenizer import load_tokenizer
     from megatron_tfree.training import checkpoint as ckpt
     from megatron_tfree.training.engine import build_engine, build_model, setup_parallel
 
-    cfg = load_config(src / ckpt.CONFIG_FILE)
-    cfg.parallel.tensor, cfg.parallel.pipe = tensor, pipe
-    if zero_stage is not None:
-        cfg.parallel.zero_stage = zero_stage
-    cfg.training.save_dir, cfg.training.load_dir = str(out), str(src)
     setup_parallel(cfg)
     tokenizer = load_tokenizer(src / ckpt.TOKENIZER_DIR)
     engine, _, _ = build_engine(cfg, build_model(cfg, tokenizer.vocab_size))
     state, counts = ckpt.load_checkpoint(engine, src.parent, src.name)
     state.world_size = dist.get_world_size()
-    tag_dir = ckpt.save_checkpoint(engine, cfg, tokenizer, state, counts, save_dir=out)
+    tag_dir = ckpt.save_checkpoint(engine, cfg, tokenizer, state, counts, save_dir=tmp)
     del engine
     return str(tag_dir) if dist.get_rank() == 0 else None
 
@@ -301,7 +309,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any],
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         init_distributed()
-        queue.put((rank, True, fn(rank, world, *args)))
+        queue.put((rank, True, fn(*args)))
         ok = True
     except BaseException:  # report, never hang the parent
         queue.put((rank, False, traceback.format_exc()))
@@ -321,7 +329,7 @@ def run_ranks(fn: Callable, world: int, args: Sequence[Any] = (), timeout: float
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, _call, (fn, tuple(args)), queue)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, tuple(args), queue)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -337,10 +345,6 @@ def run_ranks(fn: Callable, world: int, args: Sequence[Any] = (), timeout: float
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
-
-
-def _call(rank: int, world: int, fn: Callable, args: Sequence[Any]) -> Any:
-    return fn(*args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,9 +431,10 @@ def to_deepspeed(src: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
     if not is_consolidated(src):
         raise ValueError(f"{src}: not a consolidated checkpoint (no {MARKER_FILE}); run to_consolidated first")
     out = Path(out)
+    cfg = _target_config(src, out.resolve(), tensor, pipe, zero_stage)
     tmp = _temp_for(out, overwrite)
     try:
-        tag = run_ranks(_import_rank, tensor * pipe * data, (src, tmp, tensor, pipe, zero_stage))[0]
+        tag = run_ranks(_import_rank, tensor * pipe * data, (src, tmp, cfg))[0]
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

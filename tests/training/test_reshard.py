@@ -2,8 +2,10 @@
 weights + Adam moments, :mod:`megatron_tfree.training.consolidate`) and resumed at (1, 1, 1) and
 (1, 2, 1): the next 3 losses equal those of the uninterrupted (2, 2) run (3 steps, so missing or
 misplaced Adam moments or a wrong step count would show). Also: the consolidated weights are the
-gathered full weights, an existing output is not overwritten, and inference reads the consolidated
-directory (same logits as the resumed engine's module) but refuses a TP/PP DeepSpeed checkpoint.
+gathered full weights, an existing output is not overwritten, inference reads the consolidated
+directory (same logits as the resumed engine's module) but refuses a TP/PP DeepSpeed checkpoint, the
+CLI writes it back as a (1, 1, 2) ZeRO-1 / ZeRO-3 DeepSpeed checkpoint that resumes exactly, and
+zeroed Adam moments make the comparison fail (the test can see them).
 """
 
 from __future__ import annotations
@@ -177,17 +179,18 @@ def _resume(rank, world, cfg):
 
 
 @pytest.mark.distributed
-def test_to_deepspeed_zero1_dp2_then_resume(source, cfg_factory, tmp_path, capsys):
-    """CLI back-conversion to a (1, 1, 2) ZeRO-1 DeepSpeed checkpoint (safe_set_full_* path), resumed."""
+@pytest.mark.parametrize("zero", [1, 3])
+def test_to_deepspeed_zero_dp2_then_resume(source, cfg_factory, tmp_path, capsys, zero):
+    """CLI back-conversion to a (1, 1, 2) ZeRO-1/3 DeepSpeed checkpoint (safe_set_full_* paths), resumed."""
     convert_checkpoint = _cli()
-    out = tmp_path / "ds-zero1-dp2"
+    out = tmp_path / f"ds-zero{zero}-dp2"
     assert convert_checkpoint.main([str(source["consolidated"]), str(out), "--to-deepspeed", "--layout", "1,1,2",
-                                    "--zero-stage", "1"]) == 0
+                                    "--zero-stage", str(zero)]) == 0
     assert (out / "latest").read_text().strip() == f"step_{N}"
     assert {p.name for p in (out / f"step_{N}").glob("*optim_states.pt")} == {
         f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)}
     sections = _sections(1, 1, load_dir=str(out), save_interval=100)
-    sections["parallel"]["zero_stage"] = 1
+    sections["parallel"]["zero_stage"] = zero
     losses = run_distributed(_resume, world=2, args=(cfg_factory(tmp_path, "from-ds", **sections),), timeout=240)[0]
     ref = source["losses"]
     assert sorted(losses) == list(range(N + 1, N + MORE + 1))
