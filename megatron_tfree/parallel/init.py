@@ -96,6 +96,23 @@ def mark_sharded(param: torch.Tensor, partition_dim: int, stride: int = 1, full_
     param.partition_full_size = full_size if full_size is not None else param.shape[partition_dim] * state.get().tp
 
 
+def mark_replicated(module: torch.nn.Module) -> None:
+    """Tag every TP-replicated parameter of ``module`` (those not sharded, e.g. norm weights) so the
+    gradient norm counts it exactly once per pipeline stage: ``model_parallel`` is true on TP rank 0
+    only.
+
+    DeepSpeed counts an untagged parameter only where its mpu's *model-parallel* rank is 0. With our
+    mpu that is TP rank 0 of each stage (right), but DeepSpeed's pipeline grid numbers the whole
+    TP x PP replica, so untagged parameters of every stage after the first would be left out of the
+    norm (and gradient clipping would scale by a wrong coefficient). The explicit tag is correct for
+    both. Call after the model (or this rank's pipeline stage) is built.
+    """
+    first = state.get().tp_rank == 0
+    for p in module.parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            p.model_parallel = first
+
+
 def vocab_range(vocab_size: int, key: str = "tokenizer.vocab_size") -> tuple[int, int]:
     """``(vocab_start, vocab_end)`` of this TP rank's rows; ``vocab_size`` must be divisible by TP
     (no padding, so the model is the same for every layout); ``key`` names the config key in errors."""

@@ -204,15 +204,20 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     stage of :class:`~megatron_tfree.model.pipe.GPTPipe` (same seed, same weights)."""
     from megatron_tfree.model import GPTModel
 
+    from megatron_tfree.parallel.init import mark_replicated
+
     layout = setup_parallel(cfg)
     if cfg.parallel.pipe == 1:
-        return GPTModel(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed)
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        model = GPTModel(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed)
+    else:
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from megatron_tfree.model.pipe import GPTPipe
+        from megatron_tfree.model.pipe import GPTPipe
 
-    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
-    return GPTPipe(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed, topology=topology)
+        topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+        model = GPTPipe(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed, topology=topology)
+    mark_replicated(model)  # the gradient norm counts every parameter once, whatever the layout
+    return model
 
 
 def build_engine(cfg: Config, model: torch.nn.Module) -> tuple[Any, GuardedAdamW, WarmupDecayLR]:

@@ -21,6 +21,9 @@ from megatron_tfree.training.checkpoint import read_latest
 
 STEPS = 10
 RTOL = 1e-5
+# below the tiny model's gradient norm, so clipping scales every step: a layout that counted
+# TP-replicated (or pipeline/ZeRO-partitioned) parameters wrongly in the norm would diverge
+CLIP = 0.01
 # (tensor, pipe, data, zero stage)
 LAYOUTS = [(1, 1, 1, 0), (2, 1, 1, 0), (1, 2, 1, 0), (1, 1, 2, 0), (2, 2, 1, 0), (2, 1, 2, 1),
            (1, 2, 2, 1), (1, 1, 2, 2), (1, 1, 2, 3)]
@@ -50,7 +53,7 @@ def run_layout(cfg_factory, out_dir: Path, kind: str, layout) -> dict:
                       tokenizer=tokenizer,
                       training={"train_iterations": STEPS, "micro_batch_size": 1, "global_batch_size": 4,
                                 "precision": "fp32", "eval_iterations": 1, "eval_interval": 100,
-                                "save_interval": 100},
+                                "save_interval": 100, "gradient_clipping": CLIP},
                       parallel={"tensor": tp, "pipe": pp, "zero_stage": zero})
     start = time.perf_counter()
     results = run_distributed(_train, world=tp * pp * dp, args=(cfg,), timeout=240)
@@ -59,6 +62,9 @@ def run_layout(cfg_factory, out_dir: Path, kind: str, layout) -> dict:
     out["all_ranks_same"] = all(r["losses"] == out["losses"] for r in results)
     out["latest"] = read_latest(cfg.training.save_dir)
     out["tag_dir"] = Path(cfg.training.save_dir) / f"step_{STEPS}"
+    from megatron_tfree.training.metrics import read_metrics
+
+    out["grad_norms"] = {r["step"]: r["grad_norm"] for r in read_metrics(Path(cfg.training.save_dir) / "metrics.jsonl")}
     return out
 
 
@@ -84,6 +90,10 @@ def test_layout_matches_single_process(cfg_factory, tmp_path_factory, kind, layo
     print(f"\n{kind} {layout_id(layout)}: max relative loss diff {diff:.2e}, {got['seconds']:.1f} s "
           f"(reference {ref['seconds']:.1f} s)")
     assert diff <= RTOL, (got["losses"], ref["losses"])
+    # the (pre-clip) global gradient norm: every parameter counted once, whatever the layout
+    assert min(ref["grad_norms"].values()) > CLIP  # clipping was active at every step
+    norm_diff = max_rel_diff(got["grad_norms"], ref["grad_norms"])
+    assert norm_diff <= 1e-4, (got["grad_norms"], ref["grad_norms"])
     assert got["all_ranks_same"]  # every rank reports the same (broadcast) losses
     assert math.isfinite(got["eval"]["eval_loss"]) and got["eval"].get("bits_per_byte", 1.0) > 0
     if layout[2] == 1:  # eval_iterations are per data-parallel rank: same held-out samples only at dp 1
