@@ -40,12 +40,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from megatron_tfree.parallel import spawn
 
 MARKER_FILE = "consolidated.json"
 MODEL_FILE = "model.safetensors"
@@ -180,7 +181,7 @@ def _load_source(tag_dir: Path) -> tuple[Any, Any, Any]:
     return cfg, tokenizer, engine
 
 
-def _export_rank(tag_dir: Path, tmp: Path) -> Optional[dict[str, Any]]:
+def _export_rank(rank: int, world: int, tag_dir: Path, tmp: Path) -> Optional[dict[str, Any]]:
     """Rank body of :func:`to_consolidated`: gather this stage's tensors, one rank per stage writes
     ``part{stage}.model/optimizer.safetensors``; rank 0 returns the metadata."""
     from safetensors.torch import save_file
@@ -276,7 +277,7 @@ def _target_config(src: Path, out: Path, tensor: int, pipe: int, zero_stage: Opt
     return Config.from_dict(data, source=f"{src / ckpt.CONFIG_FILE} at layout TP={tensor}, PP={pipe}")
 
 
-def _import_rank(src: Path, tmp: Path, cfg: Any) -> Optional[str]:
+def _import_rank(rank: int, world: int, src: Path, tmp: Path, cfg: Any) -> Optional[str]:
     """Rank body of :func:`to_deepspeed`: build the engine at ``cfg``'s layout, resume from the
     consolidated ``src`` (the trainer's own resume path) and save a DeepSpeed checkpoint into ``tmp``."""
     from megatron_tfree.tokenizer import load_tokenizer
@@ -298,53 +299,17 @@ def _import_rank(src: Path, tmp: Path, cfg: Any) -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any], queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
-                      CUDA_VISIBLE_DEVICES="")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from megatron_tfree.training.engine import init_distributed, teardown
-
-    ok = False
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        init_distributed()
-        queue.put((rank, True, fn(*args)))
-        ok = True
-    except BaseException:  # report, never hang the parent
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        try:
-            teardown(barrier=ok)
-        except Exception:
-            pass
+def run_ranks(fn: Callable, world: int, args: Sequence[Any] = ()) -> list[Any]:
+    """``fn(rank, world, *args)`` in ``world`` fresh CPU processes joined by gloo, with DeepSpeed's comm
+    layer initialised on the existing group; their results by rank."""
+    return spawn.run_ranks(_with_deepspeed, world, (fn, *args), what="checkpoint conversion")
 
 
-def run_ranks(fn: Callable, world: int, args: Sequence[Any] = (), timeout: float = 3600.0) -> list[Any]:
-    """``fn(*args)`` in ``world`` fresh CPU processes joined by gloo (127.0.0.1); their results by rank.
-    A failing rank fails the call with its traceback."""
-    import torch.multiprocessing as mp
+def _with_deepspeed(rank: int, world: int, fn: Callable, *args: Any) -> Any:
+    from megatron_tfree.training.engine import init_distributed
 
-    from megatron_tfree.training.engine import free_port
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, tuple(args), queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, ok, value = queue.get(timeout=timeout)
-            if not ok:
-                raise RuntimeError(f"checkpoint conversion: rank {rank} of {world} failed:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=30 if len(results) == world else 5)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
+    init_distributed()  # adopts the worker's process group and sets up DeepSpeed's comm on it
+    return fn(rank, world, *args)
 
 
 # --------------------------------------------------------------------------------------------------

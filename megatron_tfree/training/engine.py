@@ -15,9 +15,7 @@
 
 from __future__ import annotations
 
-import gc
 import os
-import socket
 import sys
 from typing import Any
 
@@ -25,19 +23,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_tfree.config import Config, ConfigError
+from megatron_tfree.parallel.spawn import free_port, teardown  # noqa: F401 (re-exported)
 from megatron_tfree.training.schedule import WarmupDecayLR
 
 
 # --------------------------------------------------------------------------------------------------
 # process group
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (for single-process runs and tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_defaults() -> None:
@@ -114,21 +106,6 @@ def data_parallel_info(cfg: Config) -> tuple[int, int]:
     """``(dp_rank, dp_world)`` of this process: world / (tensor * pipe) data-parallel replicas."""
     layout = setup_parallel(cfg)
     return layout.dp_rank, layout.dp
-
-
-def teardown(barrier: bool = True) -> None:
-    """End a distributed run cleanly: barrier, gc (the caller has dropped its engine/optimizer
-    references), destroy the process group. Without this torch's gloo can abort the process at
-    interpreter exit (SIGABRT) after the run. ``barrier=False`` after an error (a peer may be gone).
-    """
-    from megatron_tfree.parallel import state
-
-    if barrier and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    state.destroy()
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------

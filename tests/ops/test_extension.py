@@ -6,7 +6,6 @@ The extension is built once per session into the pytest cache (``.pytest_cache/d
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
