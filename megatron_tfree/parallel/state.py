@@ -14,6 +14,7 @@ layout (1, 1, 1) with no groups, and every collective in :mod:`megatron_tfree.pa
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -63,15 +64,6 @@ class ParallelState:
     def get_tensor_model_parallel_group(self) -> Any:
         return self.tp_group
 
-    def get_model_parallel_rank(self) -> int:  # DeepSpeed's "model parallel" = tensor parallel
-        return self.tp_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.tp
-
-    def get_model_parallel_group(self) -> Any:
-        return self.tp_group
-
     def get_data_parallel_rank(self) -> int:
         return self.dp_rank
 
@@ -90,14 +82,13 @@ class ParallelState:
     def get_pipe_parallel_group(self) -> Any:
         return self.pp_group
 
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.pp
-
-    def get_pipeline_model_parallel_group(self) -> Any:
-        return self.pp_group
+    # DeepSpeed's "model parallel" is tensor parallel; Megatron spells the pipeline "pipeline_model"
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_pipeline_model_parallel_rank = get_pipe_parallel_rank
+    get_pipeline_model_parallel_world_size = get_pipe_parallel_world_size
+    get_pipeline_model_parallel_group = get_pipe_parallel_group
 
 
 _TRIVIAL = ParallelState(tp=1, pp=1, dp=1, rank=0, tp_rank=0, pp_rank=0, dp_rank=0)
@@ -123,32 +114,24 @@ def initialize(tp: int = 1, pp: int = 1) -> ParallelState:
         raise LayoutError(f"world size {world} is not divisible by parallel.tensor ({tp}) x parallel.pipe ({pp})")
     dp = world // (tp * pp)
     tp_rank, dp_rank, pp_rank = coords_of(rank, tp, dp)
+    sizes = {"tp": tp, "dp": dp, "pp": pp}
     mine: dict[str, Any] = {}
     ranks_of: dict[str, tuple[int, ...]] = {}
-    # dist.new_group is collective: every rank creates every group, in the same order
-    for p in range(pp):
-        for d in range(dp):
-            ranks = tuple(rank_of(t, d, p, tp, dp) for t in range(tp))
-            g = dist.new_group(list(ranks))
+    # dist.new_group is collective: every rank creates every group, in the same order. A group of
+    # axis X holds the ranks that differ only in their X coordinate; "mp" (one model replica) the
+    # ranks that share a dp coordinate.
+    for axis in ("tp", "dp", "pp", "mp"):
+        varying = ("tp", "pp") if axis == "mp" else (axis,)
+        fixed = [a for a in ("tp", "dp", "pp") if a not in varying]
+        for fixed_coords in itertools.product(*(range(sizes[a]) for a in fixed)):
+            ranks = []
+            for var_coords in itertools.product(*(range(sizes[a]) for a in varying)):
+                c = {**dict(zip(fixed, fixed_coords)), **dict(zip(varying, var_coords))}
+                ranks.append(rank_of(c["tp"], c["dp"], c["pp"], tp, dp))
+            ranks = sorted(ranks)
+            g = dist.new_group(ranks)
             if rank in ranks:
-                mine["tp"], ranks_of["tp"] = g, ranks
-    for p in range(pp):
-        for t in range(tp):
-            ranks = tuple(rank_of(t, d, p, tp, dp) for d in range(dp))
-            g = dist.new_group(list(ranks))
-            if rank in ranks:
-                mine["dp"], ranks_of["dp"] = g, ranks
-    for d in range(dp):
-        for t in range(tp):
-            ranks = tuple(rank_of(t, d, p, tp, dp) for p in range(pp))
-            g = dist.new_group(list(ranks))
-            if rank in ranks:
-                mine["pp"], ranks_of["pp"] = g, ranks
-    for d in range(dp):
-        ranks = tuple(rank_of(t, d, p, tp, dp) for p in range(pp) for t in range(tp))
-        g = dist.new_group(list(ranks))
-        if rank in ranks:
-            mine["mp"] = g
+                mine[axis], ranks_of[axis] = g, tuple(ranks)
     _STATE = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
                            tp_group=mine["tp"], pp_group=mine["pp"], dp_group=mine["dp"], mp_group=mine["mp"],
                            tp_ranks=ranks_of["tp"], pp_ranks=ranks_of["pp"], dp_ranks=ranks_of["dp"])
