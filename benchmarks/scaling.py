@@ -29,7 +29,6 @@ initialises its comm layer, so DeepSpeed's own collectives and pipeline sends ar
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -157,13 +156,9 @@ def _worker(rank: int, world: int, port: int, job: dict, queue: Any) -> None:
     finally:
         counter.uninstall()
         try:
-            if dist.is_initialized():
-                dist.barrier()
-                from megatron_tfree.parallel import state
+            from megatron_tfree.parallel.spawn import teardown
 
-                state.destroy()
-                gc.collect()
-                dist.destroy_process_group()
+            teardown()
         except Exception:
             pass
 
@@ -171,7 +166,7 @@ def _worker(rank: int, world: int, port: int, job: dict, queue: Any) -> None:
 def run_processes(world: int, job: dict, timeout: float) -> list[dict]:
     import torch.multiprocessing as mp
 
-    from megatron_tfree.training.engine import free_port
+    from megatron_tfree.parallel.spawn import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
