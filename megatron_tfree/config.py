@@ -71,6 +71,10 @@ class ModelConfig:
     # T-Free loss (spec section 3): BCE with logits * pos_weight on positives, * loss_scale
     loss_pos_weight: float = 1.0
     loss_scale: float = 1.0
+    # T-Free training: head matmul + loss in one op over head_chunk_size vocabulary rows at a time, so
+    # the [tokens, v] logits and their gradient never exist in full (evaluation still forms logits)
+    fused_head_loss: bool = True
+    head_chunk_size: int = 4096
 
 
 @dataclass
@@ -333,6 +337,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     positive(m, "init_std", "model")
     positive(m, "loss_pos_weight", "model")
     positive(m, "loss_scale", "model")
+    positive(m, "head_chunk_size", "model")
 
     positive(d, "seq_len", "data")
     positive(d, "aligned_max_bytes", "data")

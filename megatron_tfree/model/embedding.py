@@ -2,14 +2,18 @@
 
 Both kinds share one interface, so the model and the trainer never branch on the tokenizer kind::
 
-    hidden = embedding(batch)          # [B, S, h]
-    logits = head(hidden)              # [B, S, v]
-    loss = head.loss(logits, batch)    # scalar (float32)
+    hidden = embedding(batch)                   # [B, S, h]
+    logits = head(hidden)                       # [B, S, v]
+    loss = head.loss(logits, batch)             # scalar (float32)
+    loss = head.loss_from_hidden(hidden, batch) # the same, fused with the head where the kind has it
 
 * T-Free (spec section 3): the input of a position is the sum of the embedding rows of all its ids
   (:func:`megatron_tfree.ops.embedding_bag`); the head is an untied bias-free linear ``h -> v``; the
   loss is :func:`megatron_tfree.ops.tfree_bce_loss` with ``model.loss_pos_weight`` and
-  ``model.loss_scale`` (mean over ``B * S * v``, padding counted in the denominator).
+  ``model.loss_scale`` (mean over ``B * S * v``, padding counted in the denominator). In training,
+  ``head.loss_from_hidden(hidden, batch)`` computes the same loss fused with the head matmul
+  (:func:`megatron_tfree.ops.tfree_head_loss`, ``model.head_chunk_size`` vocabulary rows at a time) when
+  ``model.fused_head_loss`` is set, so the ``[B * S, v]`` logits and their gradient never exist in full.
 * classic: one id per CSR row, an embedding lookup; untied bias-free head; weighted-mean
   cross-entropy (:func:`megatron_tfree.ops.cross_entropy_loss`, padding-invariant). Every target
   row must hold exactly one id (padding positions too, with weight 0).
@@ -31,6 +35,7 @@ from ..config import ModelConfig
 from ..data.batch import Batch
 from ..parallel import vocab as vocab_parallel
 from ..parallel.init import init_sharded, mark_sharded, vocab_range
+from ..parallel.layers import ColumnParallelLinear
 from .transformer import InitMethod, column_linear, init_method_normal, init_stds
 
 KINDS = ("tfree", "classic")
@@ -75,30 +80,62 @@ class ClassicEmbedding(_Embedding):
 
 
 class _Head(nn.Module):
+    linear_cls: type[ColumnParallelLinear] = ColumnParallelLinear
+
     def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod, vocab_key: str = "tokenizer.vocab_size"):
         super().__init__()
         self.vocab_size = vocab_size
         self.vocab_start, self.vocab_end = vocab_range(vocab_size, vocab_key)
-        self.linear = column_linear(hidden_size, vocab_size, init_method, name=vocab_key)
+        self.linear = column_linear(hidden_size, vocab_size, init_method, name=vocab_key, cls=self.linear_cls)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., h] -> [..., v / tp]`` vocab-local logits (in the hidden dtype; all ``v`` at tp=1)."""
         return self.linear(hidden)
 
+    def loss_from_hidden(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The training loss of the head's input ``hidden [B, S, h]``: ``loss(self(hidden), batch)``."""
+        return self.loss(self(hidden), batch)
+
+
+class TFreeHeadLinear(ColumnParallelLinear):
+    """The T-Free head's weight (``[v / tp, h]``, column-parallel): ``linear(x)`` gives the vocab-local
+    logits, ``linear(x, batch, ...)`` the T-Free loss fused with the matmul. The loss goes through the
+    module call too, so hooks on the layer (ZeRO-3 gathering the weight) run as they do for logits."""
+
+    def forward(self, x: torch.Tensor, batch: Batch | None = None, pos_weight: float = 1.0, loss_scale: float = 1.0,
+                vocab_start: int = 0, chunk_size: int = 4096) -> torch.Tensor:
+        if batch is None:
+            return super().forward(x)
+        return vocab_parallel.tfree_head_loss(
+            x.reshape(-1, x.shape[-1]), self.weight, batch.target_offsets, batch.target_ids,
+            batch.loss_weights.reshape(-1), pos_weight, loss_scale, vocab_start, self.out_features, chunk_size,
+        )
+
 
 class TFreeHead(_Head):
-    """Bias-free ``h -> v`` (untied) with the multi-label BCE loss of spec section 3."""
+    """Bias-free ``h -> v`` (untied) with the multi-label BCE loss of spec section 3; ``fused``:
+    :meth:`loss_from_hidden` never forms the logits (``chunk_size`` vocabulary rows at a time)."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod, pos_weight: float, loss_scale: float):
+    linear_cls = TFreeHeadLinear
+
+    def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod, pos_weight: float, loss_scale: float,
+                 fused: bool = False, chunk_size: int = 4096):
         super().__init__(hidden_size, vocab_size, init_method)
         self.pos_weight = pos_weight
         self.loss_scale = loss_scale
+        self.fused = fused
+        self.chunk_size = chunk_size
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return vocab_parallel.tfree_bce_loss(
             logits.reshape(-1, logits.shape[-1]), batch.target_offsets, batch.target_ids,
             batch.loss_weights.reshape(-1), self.pos_weight, self.loss_scale, self.vocab_start, self.vocab_size,
         )
+
+    def loss_from_hidden(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self.fused:
+            return super().loss_from_hidden(hidden, batch)
+        return self.linear(hidden, batch, self.pos_weight, self.loss_scale, self.vocab_start, self.chunk_size)
 
 
 class ClassicHead(_Head):
@@ -134,5 +171,6 @@ def build_head(cfg: ModelConfig, kind: str, vocab_size: int) -> nn.Module:
     _check_kind(kind)
     init = init_method_normal(init_stds(cfg)[0])
     if kind == "tfree":
-        return TFreeHead(cfg.hidden_size, vocab_size, init, cfg.loss_pos_weight, cfg.loss_scale)
+        return TFreeHead(cfg.hidden_size, vocab_size, init, cfg.loss_pos_weight, cfg.loss_scale, cfg.fused_head_loss,
+                         cfg.head_chunk_size)
     return ClassicHead(cfg.hidden_size, vocab_size, init, _vocab_key(kind))

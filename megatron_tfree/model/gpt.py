@@ -1,7 +1,7 @@
 """The GPT model: embedding -> transformer blocks -> final norm + head, and its loss.
 
     model = GPTModel(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed)
-    loss = model.loss(batch)                          # training
+    loss = model(batch, return_loss=True)             # training (= model.loss(batch); fused head + loss)
     logits = model(batch)                             # [B, S, v] (vocab-local [B, S, v/tp] under TP)
     full = model.gather_logits(logits)                # [B, S, v] on every TP rank (inference / eval)
 
@@ -57,8 +57,17 @@ class OutputLayer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.head = build_head(cfg, kind, vocab_size)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden))
+    def forward(self, hidden: torch.Tensor, batch: Optional[Batch] = None) -> torch.Tensor:
+        """Logits of the last block's ``hidden``; with ``batch``, the training loss instead (for T-Free
+        with ``model.fused_head_loss`` computed without forming the logits)."""
+        if batch is None:
+            return self.head(self.norm(hidden))
+        return self.head.loss_from_hidden(self.norm(hidden), batch)
+
+    @property
+    def fuses_loss(self) -> bool:
+        """Whether ``forward(hidden, batch)`` skips the logits (so callers should pass it ``hidden``)."""
+        return bool(getattr(self.head, "fused", False))
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.head.loss(logits, batch)
@@ -110,11 +119,13 @@ class GPTModel(nn.Module):
     def new_kv_cache() -> KVCache:
         return KVCache()
 
-    def forward(self, batch: Batch, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, batch: Batch, kv_cache: Optional[KVCache] = None, return_loss: bool = False) -> torch.Tensor:
         """Logits ``[B, S, v]`` (this TP rank's ``[B, S, v / tp]`` under tensor parallelism, see
         :meth:`gather_logits`). Only the input fields, ``position_ids`` and ``document_ids`` of ``batch``
         are read. With ``kv_cache`` the batch holds the new positions only (continuing positions); their
-        keys/values are appended to the cache."""
+        keys/values are appended to the cache. ``return_loss``: the scalar training loss of ``batch``
+        instead (what training calls, through the DeepSpeed engine: ``engine(batch, return_loss=True)``),
+        fused with the head where the model has that (``model.fused_head_loss``)."""
         hidden = self.embedding(batch)
         meta = build_attention_meta(batch.position_ids, batch.document_ids, hidden.dtype, self.cfg.attention, kv_cache)
         for block in self.blocks:
@@ -122,7 +133,7 @@ class GPTModel(nn.Module):
                 hidden = checkpoint(block, hidden, meta, use_reentrant=False)
             else:
                 hidden = block(hidden, meta, kv_cache)
-        return self.output(hidden)
+        return self.output(hidden, batch if return_loss else None)
 
     @staticmethod
     def gather_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -135,8 +146,9 @@ class GPTModel(nn.Module):
         return self.output.loss(logits, batch)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        """``loss_from_logits(forward(batch), batch)``."""
-        return self.loss_from_logits(self.forward(batch), batch)
+        """The training loss, ``self(batch, return_loss=True)``: equal to
+        ``loss_from_logits(self(batch), batch)`` up to rounding (the fused head sums in another order)."""
+        return self(batch, return_loss=True)
 
 
 def make_input_batch(input_offsets: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -87,27 +87,37 @@ class PipeBlock(nn.Module):
         return self.layer(hidden, meta), position_ids, document_ids
 
 
+def _fused_training(output: OutputLayer) -> bool:
+    """Training with a fused head + loss: the last stage hands the loss function the hidden states."""
+    return output.training and output.fuses_loss
+
+
 class PipeOutput(nn.Module):
-    """The model's final norm + head (``.layer``, seeded as stage ``num_layers + 1``): logits."""
+    """The model's final norm + head (``.layer``, seeded as stage ``num_layers + 1``): logits; in training
+    with a fused head + loss (``model.fused_head_loss``) the last block's hidden states, which
+    :class:`PipeLoss` turns into the loss without forming the logits."""
 
     def __init__(self, cfg: ModelConfig, kind: str, vocab_size: int, seed: int):
         super().__init__()
         self.layer = build_stage(cfg, kind, vocab_size, seed, cfg.num_layers + 1)
 
     def forward(self, inputs: Carry) -> torch.Tensor:
-        return self.layer(inputs[0])
+        return inputs[0] if _fused_training(self.layer) else self.layer(inputs[0])
 
 
 class PipeLoss:
-    """``loss_fn(logits, labels)`` of the last stage: the :class:`OutputLayer`'s own loss."""
+    """``loss_fn(outputs, labels)`` of the last stage: the :class:`OutputLayer`'s own loss (of the logits,
+    or fused from the hidden states, see :class:`PipeOutput`)."""
 
     def __init__(self) -> None:
         self.output: Optional[OutputLayer] = None  # bound by GPTPipe on the last stage
 
-    def __call__(self, logits: torch.Tensor, labels: PipeLabels) -> torch.Tensor:
+    def __call__(self, outputs: torch.Tensor, labels: PipeLabels) -> torch.Tensor:
         if self.output is None:
             raise RuntimeError("PipeLoss called on a stage without the output layer")
-        return self.output.loss(logits, labels_batch(labels))
+        if _fused_training(self.output):
+            return self.output(outputs, labels_batch(labels))
+        return self.output.loss(outputs, labels_batch(labels))
 
 
 def layer_specs(cfg: ModelConfig, kind: str, vocab_size: int, seed: int) -> list[Any]:

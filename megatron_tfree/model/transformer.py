@@ -97,11 +97,12 @@ def _as_nn_linear(init_method: InitMethod) -> InitMethod:
 
 
 def column_linear(in_features: int, out_features: int, init_method: InitMethod, stride: int = 1,
-                  name: str = "output features") -> nn.Module:
+                  name: str = "output features", cls: type[ColumnParallelLinear] = ColumnParallelLinear) -> nn.Module:
     """Bias-free linear whose output dimension tensor parallelism splits (QKV, gate|up, head): a
-    :class:`~megatron_tfree.parallel.layers.ColumnParallelLinear` (a plain linear at tp=1) whose output
-    is this TP rank's slice; ``stride`` = number of fused blocks each rank takes a slice of."""
-    return ColumnParallelLinear(in_features, out_features, _as_nn_linear(init_method), stride=stride, name=name)
+    :class:`~megatron_tfree.parallel.layers.ColumnParallelLinear` (a plain linear at tp=1; or the subclass
+    ``cls``) whose output is this TP rank's slice; ``stride`` = number of fused blocks each rank takes a
+    slice of."""
+    return cls(in_features, out_features, _as_nn_linear(init_method), stride=stride, name=name)
 
 
 def row_linear(in_features: int, out_features: int, init_method: InitMethod, name: str = "input features") -> nn.Module:

@@ -9,6 +9,9 @@ the embedding and the same columns of the head's output (``vocab_start`` = first
 * :func:`tfree_bce_loss`: each rank computes the BCE of its ``[N, v/tp]`` logits against the multi-hot
   of the target ids in its slice (shifted by ``vocab_start``); only the scalar partial losses are
   summed over TP. The mean is over ``N * v`` with the *global* ``v`` (spec section 3).
+* :func:`tfree_head_loss`: the same loss fused with the head matmul (``hidden`` replicated, ``weight``
+  this rank's rows; :func:`megatron_tfree.ops.tfree_head_loss`, chunked over the vocabulary): the
+  partial losses are summed over TP and the ``hidden`` gradient is all-reduced by the replication.
 * :func:`cross_entropy`: Megatron-style vocab-parallel softmax cross-entropy (all-reduces of the
   per-position max, sum of exponentials and target logit: ``[N]`` vectors), weighted mean as
   :func:`megatron_tfree.ops.cross_entropy_loss`.
@@ -24,10 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.reference import DEFAULT_CHUNK_SIZE
+from ..ops.reference import shard_targets as local_targets  # the CSR targets of one vocabulary slice
 from . import state
-from .mappings import all_reduce_along, gather_from_tp, reduce_from_tp
+from .mappings import all_reduce_along, copy_to_tp, gather_from_tp, reduce_from_tp
 
-__all__ = ["embedding_bag", "embedding", "tfree_bce_loss", "cross_entropy", "gather_logits", "local_targets"]
+__all__ = ["embedding_bag", "embedding", "tfree_bce_loss", "tfree_head_loss", "cross_entropy", "gather_logits",
+           "local_targets"]
 
 
 def embedding_bag(weight: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
@@ -46,17 +52,6 @@ def embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_start: int = 0) -> 
     return reduce_from_tp(out * inside.unsqueeze(-1).to(out.dtype))
 
 
-def local_targets(target_offsets: torch.Tensor, target_ids: torch.Tensor, vocab_start: int,
-                  vocab_local: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CSR target sets restricted to the slice ``[vocab_start, vocab_start + vocab_local)`` and
-    shifted to local ids: ``(offsets, ids)`` with the same number of rows."""
-    target_offsets = target_offsets.long()
-    local = target_ids.long() - vocab_start
-    keep = (local >= 0) & (local < vocab_local)
-    kept_before = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.long().cumsum(0)])  # [nnz + 1]
-    return kept_before[target_offsets], local[keep]
-
-
 def tfree_bce_loss(logits: torch.Tensor, target_offsets: torch.Tensor, target_ids: torch.Tensor,
                    weights: torch.Tensor, pos_weight: float, loss_scale: float, vocab_start: int = 0,
                    vocab_size: int | None = None) -> torch.Tensor:
@@ -72,6 +67,19 @@ def tfree_bce_loss(logits: torch.Tensor, target_offsets: torch.Tensor, target_id
     v = v_local * tp if vocab_size is None else vocab_size
     offsets, ids = local_targets(target_offsets, target_ids, vocab_start, v_local)
     partial = ops.tfree_bce_loss(logits, offsets, ids, weights, pos_weight, loss_scale) * (v_local / v)
+    return reduce_from_tp(partial)
+
+
+def tfree_head_loss(hidden: torch.Tensor, weight: torch.Tensor, target_offsets: torch.Tensor,
+                    target_ids: torch.Tensor, weights: torch.Tensor, pos_weight: float, loss_scale: float,
+                    vocab_start: int = 0, vocab_size: int | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """:func:`tfree_bce_loss` of ``hidden [N, h] @ weight.T`` without the logits: ``weight`` holds the head
+    rows ``vocab_start .. vocab_start + v/tp - 1`` (all of them at tp=1), ``vocab_size`` is the global ``v``
+    (default ``weight.shape[0] * tp``). The same scalar on every TP rank."""
+    v = weight.shape[0] * state.get().tp if vocab_size is None else vocab_size
+    partial = ops.tfree_head_loss(copy_to_tp(hidden), weight, target_offsets, target_ids, weights, pos_weight,
+                                  loss_scale, vocab_start, v, chunk_size)
     return reduce_from_tp(partial)
 
 

@@ -142,8 +142,7 @@ def train_step(engine: Any, optimizer: Any, data_iter: Iterator, gas: int, dp_wo
         batch = next(data_iter)
         if count:
             local[2] += _count_words(batch, word_counts)
-        logits = engine(batch)
-        loss = engine.module.loss_from_logits(logits, batch)
+        loss = engine(batch, return_loss=True)
         value = float(loss.detach())
         local[0] += 0.0 if math.isfinite(value) else 1.0
         local[1] += value if count else 0.0

@@ -81,6 +81,35 @@ def test_tfree_embedding_is_sum_of_rows_and_losses_use_config():
     torch.testing.assert_close(model.loss_from_logits(logits, batch), ref)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_fused_head_loss_equals_the_logits_path(backend, request):
+    """model.fused_head_loss (the default) gives the loss and every gradient of the unfused model."""
+    if backend not in ops.available_backends():
+        pytest.skip("the C++ ops are not built")
+    previous = ops.backend_name()
+    ops.set_backend(backend)
+    request.addfinalizer(lambda: ops.set_backend(previous))
+    batch = random_batch(2, 6, "tfree", seed=3, document_ids=[[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    batch.loss_weights[1, 4:] = 0.0  # padding
+    results = {}
+    for fused in (True, False):
+        model = GPTModel(cfg(fused_head_loss=fused, head_chunk_size=7, loss_pos_weight=30.0, loss_scale=10.0), "tfree",
+                         V, seed=0)
+        assert model.output.fuses_loss is fused
+        loss = model(batch, return_loss=True)
+        assert loss.dtype == torch.float32 and loss.ndim == 0
+        loss.backward()
+        results[fused] = (loss.detach(), model.loss_from_logits(model(batch), batch).detach(),
+                          {k: p.grad.clone() for k, p in model.named_parameters()})
+    (fl, fl_logits, fg), (ul, ul_logits, ug) = results[True], results[False]
+    torch.testing.assert_close(fl, ul, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fl_logits, ul_logits, rtol=0, atol=0)  # evaluation still forms the logits
+    assert fg.keys() == ug.keys()
+    for k in fg:
+        torch.testing.assert_close(fg[k], ug[k], rtol=1e-4, atol=1e-5 * float(ug[k].abs().max()))  # rounding
+    assert model.loss(batch).item() == pytest.approx(float(ul), rel=1e-6)
+
+
 def test_classic_requires_one_id_per_position():
     model = GPTModel(cfg(), "classic", V, seed=0)
     with pytest.raises(ValueError, match="one input id per position"):

@@ -62,6 +62,16 @@ def _check(rank, world):
     assert_close(loss, twins["bce"][0])
     assert_close(gz, shard(twins["bce"][1][0], 1))
 
+    # the fused head + loss: hidden replicated, head rows sharded; chunk 3 < v/tp splits each shard
+    hidden = up.clone()
+    twin, (gh1, gw1) = _value_and_grads(lambda x, w: bce(x @ w.t()), hidden, weight)
+    loss, (gh, gw) = _value_and_grads(
+        lambda x, w: vocab.tfree_head_loss(x, w, offsets, ids, weights, 3.0, 2.0, start, V, chunk_size=3),
+        hidden, shard(weight, 0))
+    assert_close(loss, twin)
+    assert_close(gh, gh1)  # the replicated input's gradient is the sum over the shards
+    assert_close(gw, shard(gw1, 0))
+
     loss, (gz,) = _value_and_grads(lambda z: vocab.cross_entropy(z, classes, weights, start), shard(logits, 1))
     assert_close(loss, twins["ce"][0])
     assert_close(gz, shard(twins["ce"][1][0], 1))
@@ -85,7 +95,7 @@ def test_vocab_parallel_ops_match_single_process():
 
 def test_local_targets_restrict_and_shift():
     offsets, ids = torch.tensor([0, 3, 3, 5]), torch.tensor([0, 5, 7, 2, 4])
-    lo, li = vocab.local_targets(offsets, ids, vocab_start=4, vocab_local=4)
+    lo, li = vocab.local_targets(offsets, ids, vocab_start=4, v_local=4)
     assert lo.tolist() == [0, 2, 2, 3] and li.tolist() == [1, 3, 0]
 
 

@@ -51,14 +51,16 @@ def test_gradient_accumulation_matches_larger_micro_batch(tiny_cfg):
 @pytest.mark.parametrize("stage", [0, 2])
 def test_non_finite_loss_skips_counts_and_stops(tiny_cfg, monkeypatch, stage):
     calls = {"n": 0}
-    real = GPTModel.loss_from_logits
+    real = GPTModel.forward
 
-    def poisoned(self, logits, batch):  # one call per training step (no evaluation, no accumulation)
+    def poisoned(self, batch, kv_cache=None, return_loss=False):  # one loss per training step (no accumulation)
+        out = real(self, batch, kv_cache, return_loss)
+        if not return_loss:
+            return out
         calls["n"] += 1
-        loss = real(self, logits, batch)
-        return loss * float("nan") if calls["n"] in (2, 4) else loss
+        return out * float("nan") if calls["n"] in (2, 4) else out
 
-    monkeypatch.setattr(GPTModel, "loss_from_logits", poisoned)
+    monkeypatch.setattr(GPTModel, "forward", poisoned)
     cfg = tiny_cfg("nan", parallel={"zero_stage": stage},
                    training={"max_skipped_steps": 1, "eval_iterations": 0, "train_iterations": 6})
     snaps = {}
