@@ -10,6 +10,11 @@ Shakespeare corpus, or ``--prefix`` MemoryMap). Reported per second:
   covers more text than a BPE token),
 - words/s: bytes/s divided by the corpus' bytes per whitespace word.
 
+The T-Free model is measured once per ops path (``--variants``): the pure-PyTorch reference ops
+with the logits formed (``reference``), the C++ kernels with the logits formed (``cpp``), and the C++
+kernels with the fused head + loss, the default training path (``cpp+fused``); ``x ref`` is each
+one's words/s over the ``reference`` row of the same run: the end-to-end gain of the kernels.
+
 Also the embedding+head parameter counts at v=8k (T-Free) vs a 64k vocabulary, and of the two
 models actually benchmarked, and (``--decode-sizes``, from benchmarks/decode_speed.py) the T-Free
 decode time per generated word against dictionary size. Ratios are against the BPE model (training)
@@ -21,6 +26,7 @@ and the smallest dictionary (decoding) measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_tfree import ops
 from megatron_tfree.config import load_config
 from megatron_tfree.data.aligned import ensure_aligned_index
 from megatron_tfree.data.dataset import PretrainingDataset, collate
@@ -40,12 +47,22 @@ def embedding_head_params(vocab: int, hidden: int) -> int:
     return 2 * vocab * hidden
 
 
-def bench_model(kind: str, tokenizer, cfg, aligned, steps: int, warmup: int) -> dict:
+#: T-Free ops paths: name -> (ops backend, model.fused_head_loss)
+VARIANTS = {"reference": ("reference", False), "cpp": ("cpp", False), "cpp+fused": ("cpp", True)}
+
+
+def bench_model(kind: str, tokenizer, cfg, aligned, steps: int, warmup: int, variant: str = "") -> dict:
+    """Train ``steps`` timed steps; ``variant`` (T-Free): a :data:`VARIANTS` key, else the configured path."""
+    model_cfg = cfg.model
+    if variant:
+        backend, fused = VARIANTS[variant]
+        ops.set_backend(backend)
+        model_cfg = dataclasses.replace(cfg.model, fused_head_loss=fused)
     torch.manual_seed(cfg.training.seed)
     ds = PretrainingDataset(aligned, tokenizer, cfg.data.seq_len, seed=cfg.data.seed, progress=False)
     mb = cfg.training.micro_batch_size
     batches = [collate([ds[(i * mb + j) % len(ds)] for j in range(mb)]) for i in range(steps + warmup)]
-    model = GPTModel(cfg.model, kind, tokenizer.vocab_size, seed=cfg.training.seed)
+    model = GPTModel(model_cfg, kind, tokenizer.vocab_size, seed=cfg.training.seed)
     opt = torch.optim.AdamW(param_groups(model, cfg.training.weight_decay), lr=cfg.training.lr)
     units = nbytes = 0
     t0 = 0.0
@@ -62,7 +79,7 @@ def bench_model(kind: str, tokenizer, cfg, aligned, steps: int, warmup: int) -> 
     dt = time.perf_counter() - t0
     total = sum(p.numel() for p in model.parameters())
     emb_head = model.embedding.weight.numel() + model.output.head.linear.weight.numel()
-    return {"kind": kind, "vocab": tokenizer.vocab_size, "seconds": dt, "units_per_s": units / dt,
+    return {"kind": kind, "variant": variant or ops.backend_name(), "vocab": tokenizer.vocab_size, "seconds": dt, "units_per_s": units / dt,
             "bytes_per_s": nbytes / dt, "params": total, "embedding_head_params": emb_head,
             "non_embedding_params": total - emb_head, "final_loss": float(loss.detach())}
 
@@ -77,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--decode-sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
                    help="dictionary sizes for the decode timing (none: skip it)")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="T-Free ops paths to measure (default: all; the C++ ones need the built extension)")
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -92,25 +111,31 @@ def main(argv=None) -> int:
 
     tfree = TrigramTokenizer.from_config(cfg.tokenizer)
     bpe = ClassicTokenizer.train(texts, vocab_size=args.bpe_vocab, end_of_text=cfg.tokenizer.end_of_text)
-    rows = [bench_model("tfree", tfree, cfg, aligned, args.steps, args.warmup),
-            bench_model("classic", bpe, cfg, aligned, args.steps, args.warmup)]
-    base = rows[1]
+    previous = ops.backend_name()
+    rows = [bench_model("tfree", tfree, cfg, aligned, args.steps, args.warmup, v) for v in args.variants]
+    ops.set_backend(previous)
+    rows.append(bench_model("classic", bpe, cfg, aligned, args.steps, args.warmup))
+    base = rows[-1]
+    ref = next((r for r in rows if r["kind"] == "tfree" and r["variant"] == "reference"), None)
     for r in rows:
         r["words_per_s"] = r["bytes_per_s"] / bytes_per_word
     for r in rows:
         for k in ("units_per_s", "bytes_per_s", "words_per_s"):
             r[f"{k}_vs_bpe"] = r[k] / base[k]
+        if ref is not None and r["kind"] == "tfree":
+            r["words_per_s_vs_reference"] = r["words_per_s"] / ref["words_per_s"]
 
     h = cfg.model.hidden_size
     print(f"text: {prefix} ({corpus_bytes / 1e6:.1f} MB, {bytes_per_word:.2f} bytes per whitespace word); "
           f"model h={h} L={cfg.model.num_layers}, seq_len {cfg.data.seq_len}, micro batch "
           f"{cfg.training.micro_batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads")
-    print(f"{'model':<22}{'vocab':>8}{'units/s':>10}{'bytes/s':>11}{'words/s':>10}{'words/s vs BPE':>16}"
+    print(f"{'model':<22}{'vocab':>8}{'units/s':>10}{'bytes/s':>11}{'words/s':>10}{'x BPE':>8}{'x ref':>8}"
           f"{'non-emb params':>16}{'emb+head':>12}")
     for r in rows:
-        name = "T-Free" if r["kind"] == "tfree" else "BPE (HF tokenizers)"
+        name = f"T-Free ({r['variant']})" if r["kind"] == "tfree" else "BPE (HF tokenizers)"
+        vs_ref = f"{r['words_per_s_vs_reference']:.2f}x" if "words_per_s_vs_reference" in r else ""
         print(f"{name:<22}{r['vocab']:>8,}{r['units_per_s']:>10,.0f}{r['bytes_per_s']:>11,.0f}"
-              f"{r['words_per_s']:>10,.0f}{r['words_per_s_vs_bpe']:>15.2f}x{r['non_embedding_params']:>16,}"
+              f"{r['words_per_s']:>10,.0f}{r['words_per_s_vs_bpe']:>7.2f}x{vs_ref:>8}{r['non_embedding_params']:>16,}"
               f"{r['embedding_head_params']:>12,}")
     paper = {"tfree_8k": embedding_head_params(8192, h), "classic_64k": embedding_head_params(65536, h)}
     paper["reduction"] = 1 - paper["tfree_8k"] / paper["classic_64k"]
