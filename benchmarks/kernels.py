@@ -42,22 +42,14 @@ from megatron_tfree.tokenizer.dictionary import DecodeDictionary, _Block  # noqa
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_cuda_ops(verbose: bool = False):
-    """The compiled CUDA module: prebuilt if importable (unless MEGATRON_TFREE_CUDA_JIT=1), else a JIT build."""
-    if os.environ.get("MEGATRON_TFREE_CUDA_JIT") != "1":
-        try:
-            import megatron_tfree._tfree_ops_cuda as mod  # noqa: PLC0415
+def load_cuda_ops() -> tuple:
+    """The compiled CUDA module (:func:`megatron_tfree.ops.cuda.load`: prebuilt, or a JIT build when none is
+    installed or MEGATRON_TFREE_CUDA_JIT=1) and where it came from."""
+    from megatron_tfree.ops import cuda  # noqa: PLC0415
 
-            return mod, f"prebuilt {mod.__file__}"
-        except ImportError:
-            pass
-    from torch.utils.cpp_extension import load
-
-    csrc = ROOT / "csrc"
-    sources = sorted(csrc.glob("*_kernels.cu")) + sorted(csrc.glob("*_cuda.cpp"))
-    mod = load(name="megatron_tfree_cuda_ops", sources=[str(s) for s in sources], extra_cflags=["-O3"],
-               extra_cuda_cflags=["-O3"], verbose=verbose)
-    return mod, "JIT build"
+    forced = os.environ.get(cuda.JIT_ENV) == "1"
+    mod = cuda.load(jit=True if forced else False) or cuda.load(jit=True)
+    return mod, cuda.describe()
 
 
 def time_ms(fn, repeat: int, warmup: int = 3) -> float:

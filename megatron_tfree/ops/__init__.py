@@ -4,11 +4,12 @@ Call sites use only these functions; which implementation runs is decided here:
 
 * ``reference`` (:mod:`megatron_tfree.ops.reference`): pure PyTorch, runs everywhere, defines the
   semantics (and the loss normalisation, see that module's docstring).
-* ``cpp`` (:mod:`megatron_tfree.ops.extension`): the CPU C++/OpenMP kernels of ``csrc/tfree_ops.cpp``
-  (fused head + loss, deterministic embedding-bag backward, decode scoring); tensors on other devices
-  fall through to the reference. Available to ``auto`` only once built (``pip install -e .`` or a cached
-  JIT build); naming it explicitly builds it (~25 s once), see ``csrc/README.md``.
-* compiled CUDA kernels register themselves under another name with the same functions.
+* ``cpp`` (:mod:`megatron_tfree.ops.extension`): the native kernels. CPU tensors run the C++/OpenMP
+  kernels of ``csrc/tfree_ops.cpp`` (fused head + loss, deterministic embedding-bag backward, decode
+  scoring), CUDA tensors the CUDA kernels of ``csrc/*_kernels.cu`` when those are built
+  (:mod:`megatron_tfree.ops.cuda`), anything else the reference. Available to ``auto`` only once the
+  C++ module is built (``pip install -e .`` or a cached JIT build); naming it explicitly builds it
+  (~25 s once), see ``csrc/README.md``.
 
 The backend is taken from ``$MEGATRON_TFREE_OPS_BACKEND`` (default ``auto`` = the most preferred
 registered backend that is available) or set with :func:`set_backend`. The first call of an op logs
@@ -145,11 +146,12 @@ def tfree_head_loss(
               chunk_size)
 
 
-def native_decode_scores() -> Callable[..., torch.Tensor] | None:
-    """The active backend's ``decode_scores`` kernel (see :func:`extension.decode_scores`), or None when
-    it has none (then :class:`~megatron_tfree.tokenizer.dictionary.DecodeDictionary` scores in torch)."""
-    fn = getattr(_impl(), "decode_scores", None)
-    return fn if callable(fn) else None
+def native_decode_scores(device: torch.device | str = "cpu") -> Callable[..., torch.Tensor] | None:
+    """The active backend's ``decode_scores`` kernel for logits on ``device`` (see
+    :func:`extension.decode_scores`), or None when it has none (then
+    :class:`~megatron_tfree.tokenizer.dictionary.DecodeDictionary` scores in torch)."""
+    kernel_for = getattr(_impl(), "decode_kernel", None)
+    return kernel_for(device) if callable(kernel_for) else None
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

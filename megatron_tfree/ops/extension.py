@@ -1,8 +1,10 @@
 """The ``cpp`` ops backend: CPU kernels from ``csrc/tfree_ops.cpp`` behind autograd Functions.
 
 The same functions (and signatures) as :mod:`megatron_tfree.ops.reference`, plus the fused
-:func:`tfree_head_loss` and :func:`decode_scores`. Tensors on another device than the CPU go to the
-reference implementation (the CUDA kernels are a separate backend).
+:func:`tfree_head_loss` and :func:`decode_scores`. Each call picks the compiled module by the tensors'
+device: CPU tensors the C++ module below, CUDA tensors the CUDA kernels when they are built
+(:mod:`megatron_tfree.ops.cuda`; both modules have the same functions), anything else (other devices,
+float64 on CUDA, mixed devices) the reference implementation.
 
 Where the compiled module comes from (first match wins, see ``csrc/README.md``):
 
@@ -30,13 +32,13 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from . import reference
+from . import cuda, reference
 
-__all__ = ["embedding_bag", "tfree_bce_loss", "cross_entropy_loss", "tfree_head_loss", "decode_scores",
+__all__ = ["embedding_bag", "tfree_bce_loss", "cross_entropy_loss", "tfree_head_loss", "decode_scores", "decode_kernel",
            "load", "is_available", "describe", "ExtensionBuildError", "DEFAULT_CHUNK_SIZE"]
 
 logger = logging.getLogger("megatron_tfree")
@@ -175,8 +177,9 @@ def prepare() -> None:
 
 
 def describe() -> str:
-    """Where the active module came from (for the backend log line)."""
-    return _origin or "not loaded"
+    """Where the active modules came from (for the backend log line)."""
+    where = _origin or "not loaded"
+    return f"{where}; CUDA: {cuda.describe()}" if cuda.describe() else where
 
 
 def _ext() -> ModuleType:
@@ -185,30 +188,47 @@ def _ext() -> ModuleType:
     return mod
 
 
-def _on_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" for t in tensors)
+def _module_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
+    """The compiled module for these tensors' device (CPU module, CUDA kernels), or None: reference."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return None
+    device = devices.pop()
+    if device.type == "cpu":
+        return _ext()
+    if device.type == "cuda" and not any(t.dtype == torch.float64 for t in tensors):
+        return cuda.module()
+    return None
+
+
+def _is_cuda_module(mod: ModuleType) -> bool:
+    return getattr(mod, "device_type", "cpu") == "cuda"
 
 
 # ----------------------------------------------------------------------------------- embedding bag
 class _EmbeddingBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, offsets, ids, vocab_start):
+    def forward(ctx, weight, offsets, ids, vocab_start, mod):
         ctx.save_for_backward(offsets, ids)
-        ctx.vocab_start, ctx.num_weights = vocab_start, weight.shape[0]
-        return _ext().embedding_bag_forward(weight.detach(), offsets, ids, vocab_start)
+        ctx.vocab_start, ctx.num_weights, ctx.mod = vocab_start, weight.shape[0], mod
+        return mod.embedding_bag_forward(weight.detach(), offsets, ids, vocab_start)
 
     @staticmethod
     def backward(ctx, grad):
         offsets, ids = ctx.saved_tensors
-        gw = _ext().embedding_bag_backward(grad, offsets, ids, ctx.vocab_start, ctx.num_weights)
-        return gw, None, None, None
+        args = (grad, offsets, ids, ctx.vocab_start, ctx.num_weights)
+        if _is_cuda_module(ctx.mod):  # the CPU kernel is always deterministic
+            args += (cuda.deterministic_backward(),)
+        return ctx.mod.embedding_bag_backward(*args), None, None, None, None
 
 
 def embedding_bag(weight: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
-    """See :func:`reference.embedding_bag` (C++ forward and deterministic weight gradient)."""
-    if not _on_cpu(weight, offsets, ids):
+    """See :func:`reference.embedding_bag` (native forward; deterministic weight gradient on the CPU, and
+    on CUDA unless ``MEGATRON_TFREE_EMBEDDING_BACKWARD=atomic``)."""
+    mod = _module_for(weight, offsets, ids)
+    if mod is None:
         return reference.embedding_bag(weight, offsets, ids, vocab_start)
-    return _EmbeddingBag.apply(weight, offsets.long().contiguous(), ids.long().contiguous(), int(vocab_start))
+    return _EmbeddingBag.apply(weight, offsets.long().contiguous(), ids.long().contiguous(), int(vocab_start), mod)
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -232,22 +252,22 @@ def _fused(loss: torch.Tensor, grads: list, inputs: tuple) -> torch.Tensor:
     return _SavedGradLoss.apply(loss, grads, *inputs)
 
 
-def _bce_loss_exact(logits, target_offsets, target_ids, weights, pos_weight, loss_scale):
+def _bce_loss_exact(logits, target_offsets, target_ids, weights, pos_weight, loss_scale, mod=None):
     """:func:`tfree_bce_loss` in the compute dtype (float64 for float64 logits: for gradcheck)."""
     grad = torch.is_grad_enabled() and logits.requires_grad
-    out = _ext().bce_loss(logits.detach(), target_offsets.long().contiguous(), target_ids.long().contiguous(),
+    out = (mod or _ext()).bce_loss(logits.detach(), target_offsets.long().contiguous(), target_ids.long().contiguous(),
                           weights.detach(), float(pos_weight), float(loss_scale), 0, logits.shape[1], True, grad)
     return _fused(out[0], out[1:], (logits,)) if grad else out[0]
 
 
 def _head_loss_exact(hidden, weight, target_offsets, target_ids, weights, pos_weight, loss_scale, vocab_start=0,
-                     vocab_size=None, chunk_size=DEFAULT_CHUNK_SIZE):
+                     vocab_size=None, chunk_size=DEFAULT_CHUNK_SIZE, mod=None):
     """:func:`tfree_head_loss` in the compute dtype (float64 for float64 inputs: for gradcheck)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     v = weight.shape[0] if vocab_size is None else int(vocab_size)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    out = _ext().head_loss(hidden.detach(), weight.detach(), target_offsets.long().contiguous(),
+    out = (mod or _ext()).head_loss(hidden.detach(), weight.detach(), target_offsets.long().contiguous(),
                            target_ids.long().contiguous(), weights.detach(), float(pos_weight), float(loss_scale),
                            int(vocab_start), v, int(chunk_size), grad)
     return _fused(out[0], out[1:], (hidden, weight)) if grad else out[0]
@@ -256,9 +276,10 @@ def _head_loss_exact(hidden, weight, target_offsets, target_ids, weights, pos_we
 def tfree_bce_loss(logits: torch.Tensor, target_offsets: torch.Tensor, target_ids: torch.Tensor,
                    weights: torch.Tensor, pos_weight: float, loss_scale: float) -> torch.Tensor:
     """See :func:`reference.tfree_bce_loss`; no multi-hot matrix, the gradient comes with the loss."""
-    if not _on_cpu(logits, target_offsets, target_ids, weights):
+    mod = _module_for(logits, target_offsets, target_ids, weights)
+    if mod is None:
         return reference.tfree_bce_loss(logits, target_offsets, target_ids, weights, pos_weight, loss_scale)
-    return _bce_loss_exact(logits, target_offsets, target_ids, weights, pos_weight, loss_scale).float()
+    return _bce_loss_exact(logits, target_offsets, target_ids, weights, pos_weight, loss_scale, mod).float()
 
 
 def tfree_head_loss(hidden: torch.Tensor, weight: torch.Tensor, target_offsets: torch.Tensor,
@@ -273,11 +294,14 @@ def tfree_head_loss(hidden: torch.Tensor, weight: torch.Tensor, target_offsets: 
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if not _on_cpu(hidden, weight, target_offsets, target_ids, weights):
+    mod = _module_for(hidden, weight, target_offsets, target_ids, weights)
+    if mod is not None and _is_cuda_module(mod) and hidden.dtype != weight.dtype:
+        mod = None  # the CUDA matmuls need one dtype
+    if mod is None:
         return reference.tfree_head_loss(hidden, weight, target_offsets, target_ids, weights, pos_weight, loss_scale,
                                          vocab_start, vocab_size, chunk_size)
     return _head_loss_exact(hidden, weight, target_offsets, target_ids, weights, pos_weight, loss_scale, vocab_start,
-                            vocab_size, chunk_size).float()
+                            vocab_size, chunk_size, mod).float()
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -292,11 +316,24 @@ def decode_scores(logits: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor
 
     ``offsets [n + 1]`` int64, ``ids [nnz]`` int32 distinct ids per word, ``edge [nnz]`` bool/uint8
     (edge trigram id), ``c [n]`` int32 distinct trigrams per word; same formula as
-    :meth:`megatron_tfree.tokenizer.dictionary.DecodeDictionary.score`. CPU only.
+    :meth:`megatron_tfree.tokenizer.dictionary.DecodeDictionary.score`. CPU logits, or CUDA logits with
+    the CUDA kernels built (:func:`decode_kernel`); the pattern arrays are moved to the logits' device.
     """
-    return _ext().decode_scores(logits.detach().cpu(), offsets.long().contiguous(), ids.int().contiguous(),
-                                edge.to(torch.uint8).contiguous(), c.int().contiguous(), int(vocab_population),
-                                float(edge_weight))
+    if logits.device.type == "cuda" and logits.dtype == torch.float64:
+        logits = logits.float()  # the CUDA kernels take float32 / float16 / bfloat16; scores are float32
+    mod = _module_for(logits)
+    if mod is None:
+        raise ValueError(f"decode_scores: no kernel for {logits.device} {logits.dtype} logits (see decode_kernel)")
+    dev = logits.device
+    return mod.decode_scores(logits.detach(), offsets.to(dev, torch.long).contiguous(),
+                             ids.to(dev, torch.int32).contiguous(), edge.to(dev, torch.uint8).contiguous(),
+                             c.to(dev, torch.int32).contiguous(), int(vocab_population), float(edge_weight))
+
+
+def decode_kernel(device: torch.device | str = "cpu") -> Optional[Callable[..., torch.Tensor]]:
+    """:func:`decode_scores` where a compiled kernel serves logits on ``device``, else None."""
+    kind = torch.device(device).type
+    return decode_scores if kind == "cpu" or (kind == "cuda" and cuda.module() is not None) else None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

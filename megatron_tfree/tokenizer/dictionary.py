@@ -70,17 +70,22 @@ class _Block:
         self.words, self.counts, self.offsets, self.ids, self.edge, self.c = words, counts, offsets, ids, edge, c
         self._index: Optional[dict[str, int]] = None
         self._matrix: dict[tuple[float, str], torch.Tensor] = {}
-        self._native: Optional[tuple[torch.Tensor, ...]] = None
+        self._native: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def native(self) -> tuple[torch.Tensor, ...]:
-        """``(offsets int64, ids int32, edge uint8, c int32)`` CPU tensors for the C++ kernel (zero-copy, cached)."""
-        if self._native is None:
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only use
-            self._native = (torch.from_numpy(np.ascontiguousarray(self.offsets, dtype=np.int64)),
-                            torch.from_numpy(np.ascontiguousarray(self.ids, dtype=np.int32)),
-                            torch.from_numpy(np.ascontiguousarray(self.edge, dtype=bool).view(np.uint8)),
-                            torch.from_numpy(np.ascontiguousarray(self.c, dtype=np.int32)))
-        return self._native
+    def native(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """``(offsets int64, ids int32, edge uint8, c int32)`` tensors for the native kernels: zero-copy on
+        the CPU, copied once per other device (cached: decoding scores the same patterns every word)."""
+        device = torch.device(device)
+        if device not in self._native:
+            if not self._native:
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only use
+            cpu = self._native.get(torch.device("cpu")) or (
+                torch.from_numpy(np.ascontiguousarray(self.offsets, dtype=np.int64)),
+                torch.from_numpy(np.ascontiguousarray(self.ids, dtype=np.int32)),
+                torch.from_numpy(np.ascontiguousarray(self.edge, dtype=bool).view(np.uint8)),
+                torch.from_numpy(np.ascontiguousarray(self.c, dtype=np.int32)))
+            self._native[device] = tuple(t.to(device) for t in cpu)
+        return self._native[device]
 
     def __len__(self) -> int:
         return len(self.words)
@@ -335,16 +340,18 @@ class DecodeDictionary:
     def score(self, logits: torch.Tensor, edge_weight: float = 1.0) -> torch.Tensor:
         """``[B, v]`` head logits -> ``[B, n_words]`` float32 scores (formula in the module docstring).
 
-        With the ``cpp`` ops backend active and CPU logits, the C++ kernel scores the words (parallel
-        over words, same formula and results); otherwise the torch sparse-matmul path below runs.
+        With the ``cpp`` ops backend active and CPU logits (or CUDA logits with the CUDA kernels built),
+        the native kernel scores the words (parallel over words, same formula and results); otherwise the
+        torch sparse-matmul path below runs.
         """
         if logits.ndim != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"score expects logits [B, {self.vocab_size}], got {tuple(logits.shape)}")
         from .. import ops
 
-        kernel = ops.native_decode_scores() if logits.device.type == "cpu" else None
+        kernel = ops.native_decode_scores(logits.device)
         if kernel is not None:
-            parts = [kernel(logits, *b.native(), self.vocab_population, edge_weight) for b in self._blocks if len(b)]
+            parts = [kernel(logits, *b.native(logits.device), self.vocab_population, edge_weight)
+                     for b in self._blocks if len(b)]
             return torch.cat(parts, dim=1) if parts else logits.new_zeros(logits.shape[0], 0, dtype=torch.float32)
         p = torch.sigmoid(logits.float())
         total = p.sum(dim=1, keepdim=True)  # [B, 1]

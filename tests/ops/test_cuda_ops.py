@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tfree.ops import reference
+from megatron_tfree.ops import cuda, reference
 
 pytestmark = pytest.mark.cuda
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # relative tolerance of a result rounded to the dtype (accumulation is float32 in the kernels)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
@@ -27,21 +26,13 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.float16: dict(rtol=2e-3,
 
 
 def load_cuda_ops(build_root: Path):
-    """The compiled CUDA module: prebuilt if importable (and no JIT forced), else a JIT build of csrc/."""
-    if os.environ.get("MEGATRON_TFREE_CUDA_JIT") != "1":
-        try:
-            import megatron_tfree._tfree_ops_cuda as mod  # noqa: PLC0415
-
+    """The compiled CUDA module: prebuilt if importable (and no JIT forced), else a JIT build of csrc/ into
+    the pytest cache (:func:`megatron_tfree.ops.cuda.load`, the loader the ops use)."""
+    if os.environ.get(cuda.JIT_ENV) != "1":
+        mod = cuda.load(jit=False)
+        if mod is not None:
             return mod
-        except ImportError:
-            pass
-    from torch.utils.cpp_extension import load
-
-    sources = sorted(CSRC.glob("*_kernels.cu")) + sorted(CSRC.glob("*_cuda.cpp"))
-    build_dir = build_root / "megatron_tfree_cuda_ops"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name="megatron_tfree_cuda_ops", sources=[str(s) for s in sources], extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3"], build_directory=str(build_dir), verbose=False)
+    return cuda.load(jit=True, build_root=build_root)
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +275,104 @@ def test_decode_scores_reject_bad_ids(cu):
     c = torch.ones(1, dtype=torch.int32, device=DEV)
     with pytest.raises(RuntimeError, match="outside"):
         cu.decode_scores(torch.randn(1, 50, device=DEV), off, ids, edge, c, 4, 1.0)
+
+
+# ------------------------------------------------------------------- wired into megatron_tfree.ops
+@pytest.fixture
+def cpp_backend(cu, request, monkeypatch):
+    """The ``cpp`` ops backend with this module as its CUDA kernels; counts the kernel calls."""
+    from megatron_tfree import ops
+
+    calls = {}
+    for name in ("embedding_bag_forward", "embedding_bag_backward", "bce_loss", "head_loss", "decode_scores"):
+        real = getattr(cu, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cu, name, counted)
+    monkeypatch.setattr(cuda, "module", lambda: cu)
+    previous = ops.backend_name()
+    ops.set_backend("cpp")
+    request.addfinalizer(lambda: ops.set_backend(previous))
+    return calls
+
+
+def test_ops_send_cuda_tensors_to_the_cuda_kernels(cpp_backend):
+    from megatron_tfree import ops
+
+    gen = torch.Generator().manual_seed(11)
+    offsets, ids = random_csr(40, 0, 12, 97, gen, long_rows=1)
+    w = torch.randn(97, 64, generator=gen)
+    g = torch.randn(40, 64, generator=gen)
+    wc = w.to(DEV).requires_grad_(True)
+    out = ops.embedding_bag(wc, offsets.to(DEV), ids.to(DEV))
+    out.backward(g.to(DEV))
+    wr = w.detach().double().requires_grad_(True)
+    ref = reference.embedding_bag(wr, offsets, ids)
+    ref.backward(g.double())
+    assert rel_err(out, ref) < 1e-6 and rel_err(wc.grad, wr.grad) < 1e-6
+    assert cpp_backend["embedding_bag_forward"] == cpp_backend["embedding_bag_backward"] == 1
+
+    t_off, t_ids = random_csr(40, 1, 8, 97, gen)
+    weights = torch.rand(40, generator=gen)
+    hidden = torch.randn(40, 64, generator=gen)
+    head = torch.randn(97, 64, generator=gen) * 0.1
+    hc, wc = hidden.to(DEV).requires_grad_(True), head.to(DEV).requires_grad_(True)
+    loss = ops.tfree_head_loss(hc, wc, t_off.to(DEV), t_ids.to(DEV), weights.to(DEV), 30.0, 10.0, chunk_size=32)
+    loss.backward()
+    hr, wr = hidden.detach().double().requires_grad_(True), head.detach().double().requires_grad_(True)
+    lref = reference.tfree_bce_loss(hr @ wr.t(), t_off, t_ids, weights.double(), 30.0, 10.0)
+    lref.backward()
+    assert loss.device.type == "cuda" and loss.dtype == torch.float32
+    assert rel_err(loss, lref) < 1e-5 and rel_err(hc.grad, hr.grad) < 1e-5 and rel_err(wc.grad, wr.grad) < 1e-5
+    assert cpp_backend["head_loss"] == 1
+
+
+def test_fused_model_loss_on_cuda_equals_cpu(cpp_backend):
+    from megatron_tfree.config import ModelConfig
+    from megatron_tfree.data.batch import Batch
+    from megatron_tfree.model import GPTModel
+
+    gen = torch.Generator().manual_seed(12)
+    B, S, V = 2, 16, 256
+    in_off, in_ids = random_csr(B * S, 1, 20, V, gen)
+    t_off, t_ids = random_csr(B * S, 1, 20, V, gen)
+    pos = torch.arange(S).repeat(B, 1)
+    batch = Batch(in_off, in_ids, t_off, t_ids, pos, torch.zeros_like(pos), torch.ones(B, S))
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, head_chunk_size=100, loss_pos_weight=30.0,
+                      loss_scale=10.0, attention="sdpa")
+    losses, grads = {}, {}
+    for dev in ("cpu", DEV):
+        model = GPTModel(cfg, "tfree", V, seed=0).to(dev)
+        b = batch.to(dev)
+        loss = model(b, return_loss=True)
+        loss.backward()
+        losses[dev] = loss.detach().cpu()
+        grads[dev] = {k: p.grad.detach().cpu() for k, p in model.named_parameters()}
+    assert cpp_backend["head_loss"] == 1 and cpp_backend["embedding_bag_forward"] == 1
+    torch.testing.assert_close(losses[DEV], losses["cpu"], rtol=1e-4, atol=1e-6)
+    for k, g in grads["cpu"].items():
+        assert rel_err(grads[DEV][k], g) < 1e-3, k
+
+
+def test_dictionary_scores_cuda_logits_with_the_kernel(cpp_backend):
+    import numpy as np
+
+    from megatron_tfree.tokenizer.dictionary import DecodeDictionary, _Block
+
+    rng = np.random.default_rng(13)
+    n, v, m = 500, 1024, 4
+    trigrams = rng.integers(1, 6, n)
+    lengths = trigrams * m
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = rng.integers(0, v, int(offsets[-1]), dtype=np.int32)
+    edge = rng.random(int(offsets[-1])) < 0.3
+    d = DecodeDictionary([_Block([f"w{i}" for i in range(n)], np.zeros(n, np.int64), offsets, ids, edge,
+                                 trigrams.astype(np.int32))], v, m, {})
+    logits = torch.randn(3, v)
+    on_gpu = d.score(logits.to(DEV), 0.5)
+    assert on_gpu.device.type == "cuda" and cpp_backend["decode_scores"] == 1
+    torch.testing.assert_close(on_gpu.cpu(), d.score(logits, 0.5), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_tfree import ops
-from megatron_tfree.ops import extension, reference
+from megatron_tfree.ops import cuda, extension, reference
 from megatron_tfree.tokenizer.dictionary import DecodeDictionary
 
 
@@ -227,3 +227,40 @@ def test_missing_compiler_error_says_how_to_fix(ext, monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(extension.ExtensionBuildError, match=r"apt-get install g\+\+.*MEGATRON_TFREE_OPS_BACKEND=reference"):
         extension._jit_build(tmp_path, verbose=False)
+
+
+def test_tensors_without_a_kernel_for_their_device_take_the_reference(ext):
+    meta = torch.empty(10, 4, device="meta", requires_grad=True)
+    out = ops.embedding_bag(meta, torch.tensor([0, 2, 3], device="meta"), torch.zeros(3, dtype=torch.long, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4)  # the reference ran (shape inference on meta)
+    assert extension._module_for(torch.ones(1)) is ext
+    assert extension._module_for(torch.ones(1), torch.ones(1, device="meta")) is None  # mixed devices
+    assert extension.decode_kernel("cpu") is extension.decode_scores
+    assert extension.decode_kernel("meta") is None and ops.native_decode_scores("meta") is None
+    if not torch.cuda.is_available():
+        assert cuda.module() is None and extension.decode_kernel("cuda") is None
+
+
+def test_cuda_embedding_backward_mode(monkeypatch):
+    monkeypatch.delenv(cuda.BACKWARD_ENV, raising=False)
+    assert cuda.deterministic_backward()
+    monkeypatch.setenv(cuda.BACKWARD_ENV, "atomic")
+    assert not cuda.deterministic_backward()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert cuda.deterministic_backward()  # torch's switch wins
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv(cuda.BACKWARD_ENV, "fast")
+    with pytest.raises(ValueError, match="MEGATRON_TFREE_EMBEDDING_BACKWARD must be 'deterministic' or 'atomic'"):
+        cuda.deterministic_backward()
+
+
+def test_cuda_jit_build_without_a_toolkit_says_how_to_fix():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is not None:
+        pytest.skip("a CUDA toolkit is installed")
+    with pytest.raises(cuda.CudaBuildError, match=r"no CUDA toolkit.*unset MEGATRON_TFREE_CUDA_JIT"):
+        cuda.load(jit=True)
+    assert len(cuda.sources_hash()) == 16 and {p.suffix for p in cuda.sources()} == {".cu", ".cpp"}
