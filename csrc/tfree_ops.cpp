@@ -373,7 +373,12 @@ std::vector<at::Tensor> head_loss(const at::Tensor& hidden, const at::Tensor& we
     });
     if (grad) {
       gh.addmm_(x, wc);                                  // [N, C] @ [C, h]
-      gw.narrow(0, j0, C).copy_(at::mm(x.t(), hf));      // [C, N] @ [N, h]
+      at::Tensor gw_chunk = gw.narrow(0, j0, C);         // rows of a contiguous [V, h]: contiguous
+      if (gw.scalar_type() == ct) {
+        at::mm_out(gw_chunk, x.t(), hf);                 // [C, N] @ [N, h] straight into the gradient
+      } else {
+        gw_chunk.copy_(at::mm(x.t(), hf));               // computed in fp32, stored in the weight dtype
+      }
     }
   }
   at::Tensor loss = finish_loss(row_loss, coef, ct);
