@@ -69,12 +69,13 @@ void check_csr(const at::Tensor& offsets, const at::Tensor& ids, const char* wha
 // (rows outside [0, V) skipped). Forward: src = weight, segments = the CSR rows. Backward: src = the
 // output gradient, segments = the weight rows after a counting sort of the (id, row) pairs.
 //
-// Speed (it is memory bound: ~100 random rows of h values per output row): the output row is built in
+// Speed (it is memory bound: ~100 random rows of h values per output row): an output row is built in
 // column blocks of kBlock floats held in 16 AVX registers; each block walks all the segment's source
-// rows, so ~100 independent row streams are in flight, and the same block of the row kPrefetch
-// entries ahead is prefetched. The AVX2 (+F16C for fp16) instantiation is chosen at run time
-// (__builtin_cpu_supports), so the build needs no -march flag; other CPUs and fp64 take the portable
-// loop, which has the same summation order (so results do not depend on the path taken).
+// rows, and the same block of the row kPrefetch entries ahead is prefetched. Blocks are the outer loop
+// (see gather_sum), so the random reads stay within one cache-sized column panel of the source. The
+// AVX2 (+F16C for fp16) instantiation is chosen at run time (__builtin_cpu_supports), so the build needs
+// no -march flag; other CPUs and fp64 take the portable loop, which has the same summation order per
+// column (so results do not depend on the path taken).
 constexpr int64_t kBlock = 128;
 constexpr int64_t kPrefetch = 4;
 
@@ -117,32 +118,29 @@ TFREE_AVX2 inline void store8(at::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
+// Columns [c0, c0 + kBlock) of the output rows r0..r1 (the caller makes sure the block fits in H).
 template <typename T>
-TFREE_AVX2 void gather_sum_avx2(const T* src, int64_t V, int64_t H, const int64_t* seg, const int64_t* idx,
-                                int64_t shift, T* out, int64_t r0, int64_t r1) {
+TFREE_AVX2 void gather_block_avx2(const T* src, int64_t V, int64_t H, const int64_t* seg, const int64_t* idx,
+                                  int64_t shift, T* out, int64_t r0, int64_t r1, int64_t c0) {
   constexpr int kRegs = kBlock / 8;
-  const int64_t blocked = H - H % kBlock;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t k0 = seg[r], k1 = seg[r + 1];
-    for (int64_t c0 = 0; c0 < blocked; c0 += kBlock) {
-      __m256 acc[kRegs];
-      for (int i = 0; i < kRegs; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t k = k0; k < k1; ++k) {
-        if (k + kPrefetch < k1) {
-          const int64_t jn = idx[k + kPrefetch] - shift;
-          if (jn >= 0 && jn < V) {
-            const char* p = reinterpret_cast<const char*>(src + jn * H + c0);
-            for (int64_t q = 0; q < kBlock * static_cast<int64_t>(sizeof(T)); q += 64) __builtin_prefetch(p + q);
-          }
+    __m256 acc[kRegs];
+    for (int i = 0; i < kRegs; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      if (k + kPrefetch < k1) {
+        const int64_t jn = idx[k + kPrefetch] - shift;
+        if (jn >= 0 && jn < V) {
+          const char* p = reinterpret_cast<const char*>(src + jn * H + c0);
+          for (int64_t q = 0; q < kBlock * static_cast<int64_t>(sizeof(T)); q += 64) __builtin_prefetch(p + q);
         }
-        const int64_t j = idx[k] - shift;
-        if (j < 0 || j >= V) continue;
-        const T* row = src + j * H + c0;
-        for (int i = 0; i < kRegs; ++i) acc[i] = _mm256_add_ps(acc[i], load8(row + 8 * i));
       }
-      for (int i = 0; i < kRegs; ++i) store8(out + r * H + c0 + 8 * i, acc[i]);
+      const int64_t j = idx[k] - shift;
+      if (j < 0 || j >= V) continue;
+      const T* row = src + j * H + c0;
+      for (int i = 0; i < kRegs; ++i) acc[i] = _mm256_add_ps(acc[i], load8(row + 8 * i));
     }
-    if (blocked < H) gather_sum_portable<T, float>(src, V, H, seg, idx, shift, out, r, r + 1, blocked);
+    for (int i = 0; i < kRegs; ++i) store8(out + r * H + c0 + 8 * i, acc[i]);
   }
 }
 
@@ -153,19 +151,31 @@ bool cpu_has_avx2() {
 }
 #endif
 
-// out [R, H] for the R = seg.size() - 1 segments; parallel over segments.
+// out [R, H] for the R = seg.size() - 1 segments; parallel over segments. The AVX2 path runs one column
+// block at a time over all segments (the outer loop), so the block's source column panel ([V, kBlock]:
+// 16 MB for 32k fp32 rows, 2 MB for 4k gradient rows) is what the random row reads hit, and it stays in
+// the shared cache while both threads work through it.
 template <typename T>
 void gather_sum(const T* src, int64_t V, int64_t H, const int64_t* seg, const int64_t* idx, int64_t shift, T* out,
                 int64_t R, int64_t grain) {
   using acc_t = at::opmath_type<T>;
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+  int64_t done = 0;  // columns [0, done) are written
 #ifdef TFREE_HAVE_AVX2_PATH
-    if constexpr (!std::is_same_v<T, double>) {
-      if (cpu_has_avx2()) return gather_sum_avx2<T>(src, V, H, seg, idx, shift, out, r0, r1);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu_has_avx2()) {
+      for (; done + kBlock <= H; done += kBlock) {
+        at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+          gather_block_avx2<T>(src, V, H, seg, idx, shift, out, r0, r1, done);
+        });
+      }
     }
+  }
 #endif
-    gather_sum_portable<T, acc_t>(src, V, H, seg, idx, shift, out, r0, r1, 0);
-  });
+  if (done < H) {
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      gather_sum_portable<T, acc_t>(src, V, H, seg, idx, shift, out, r0, r1, done);
+    });
+  }
 }
 
 at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& offsets, const at::Tensor& ids,

@@ -1,4 +1,4 @@
-"""The ``cpp`` ops backend: CPU kernels from ``csrc/tfree_ops.cpp`` behind autograd Functions.
+"""The ``cpp`` ops backend: the native kernels of ``csrc/`` behind autograd Functions.
 
 The same functions (and signatures) as :mod:`megatron_tfree.ops.reference`, plus the fused
 :func:`tfree_head_loss` and :func:`decode_scores`. Each call picks the compiled module by the tensors'
@@ -6,7 +6,7 @@ device: CPU tensors the C++ module below, CUDA tensors the CUDA kernels when the
 (:mod:`megatron_tfree.ops.cuda`; both modules have the same functions), anything else (other devices,
 float64 on CUDA, mixed devices) the reference implementation.
 
-Where the compiled module comes from (first match wins, see ``csrc/README.md``):
+Where the CPU module comes from (first match wins, see ``csrc/README.md``; the CUDA one: :mod:`.cuda`):
 
 1. the prebuilt ``megatron_tfree._tfree_ops_cpp`` that ``setup.py`` builds (``pip install -e .``), if
    it was compiled from the current ``csrc/tfree_ops.cpp`` (its ``source_hash`` matches);
@@ -38,8 +38,8 @@ import torch
 
 from . import cuda, reference
 
-__all__ = ["embedding_bag", "tfree_bce_loss", "cross_entropy_loss", "tfree_head_loss", "decode_scores", "decode_kernel",
-           "load", "is_available", "describe", "ExtensionBuildError", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["embedding_bag", "tfree_bce_loss", "cross_entropy_loss", "tfree_head_loss", "decode_scores",
+           "decode_kernel", "load", "is_available", "describe", "ExtensionBuildError", "DEFAULT_CHUNK_SIZE"]
 
 logger = logging.getLogger("megatron_tfree")
 
@@ -255,8 +255,9 @@ def _fused(loss: torch.Tensor, grads: list, inputs: tuple) -> torch.Tensor:
 def _bce_loss_exact(logits, target_offsets, target_ids, weights, pos_weight, loss_scale, mod=None):
     """:func:`tfree_bce_loss` in the compute dtype (float64 for float64 logits: for gradcheck)."""
     grad = torch.is_grad_enabled() and logits.requires_grad
-    out = (mod or _ext()).bce_loss(logits.detach(), target_offsets.long().contiguous(), target_ids.long().contiguous(),
-                          weights.detach(), float(pos_weight), float(loss_scale), 0, logits.shape[1], True, grad)
+    out = (mod or _ext()).bce_loss(logits.detach(), target_offsets.long().contiguous(),
+                                   target_ids.long().contiguous(), weights.detach(), float(pos_weight),
+                                   float(loss_scale), 0, logits.shape[1], True, grad)
     return _fused(out[0], out[1:], (logits,)) if grad else out[0]
 
 
@@ -268,8 +269,8 @@ def _head_loss_exact(hidden, weight, target_offsets, target_ids, weights, pos_we
     v = weight.shape[0] if vocab_size is None else int(vocab_size)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     out = (mod or _ext()).head_loss(hidden.detach(), weight.detach(), target_offsets.long().contiguous(),
-                           target_ids.long().contiguous(), weights.detach(), float(pos_weight), float(loss_scale),
-                           int(vocab_start), v, int(chunk_size), grad)
+                                    target_ids.long().contiguous(), weights.detach(), float(pos_weight),
+                                    float(loss_scale), int(vocab_start), v, int(chunk_size), grad)
     return _fused(out[0], out[1:], (hidden, weight)) if grad else out[0]
 
 
