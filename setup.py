@@ -19,6 +19,16 @@ SKIP_HINT = ("set MEGATRON_TFREE_BUILD_EXT=0 to skip the native ops (the pure-Py
              "a JIT build happens on demand with MEGATRON_TFREE_OPS_BACKEND=cpp)")
 
 
+def _cuda_sources_hash() -> str:
+    """``megatron_tfree.ops.cuda.sources_hash()``, read from that file without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tfree_cuda_paths", ROOT / "megatron_tfree" / "ops" / "cuda.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.sources_hash()
+
+
 def _native_extensions():
     """The C++ ops (``csrc/tfree_ops.cpp`` -> ``megatron_tfree._tfree_ops_cpp``) when torch is importable, plus the
     CUDA ops (``csrc/*_kernels.cu`` + ``csrc/*_cuda.cpp`` -> ``megatron_tfree._tfree_ops_cuda``) when CUDA can be
@@ -39,8 +49,10 @@ def _native_extensions():
                          extra_link_args=["-fopenmp"])]
     cuda_sources = sorted(glob.glob("csrc/*_kernels.cu") + glob.glob("csrc/*_cuda.cpp"))
     if cuda_sources and CUDA_HOME is not None and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"):
+        cuda_id = "h" + _cuda_sources_hash()  # checked by ops/cuda.py
         exts.append(CUDAExtension("megatron_tfree._tfree_ops_cuda", cuda_sources,
-                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
+                                  extra_compile_args={"cxx": ["-O3", f"-DTFREE_CUDA_SOURCE_ID={cuda_id}"],
+                                                      "nvcc": ["-O3"]}))
 
     class OptionalBuildExtension(BuildExtension):
         """Builds each native extension; a failure warns (with the fix) instead of failing the install."""

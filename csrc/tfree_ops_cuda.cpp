@@ -27,6 +27,13 @@
 
 #include "tfree_kernels.h"
 
+// Builds pass -DTFREE_CUDA_SOURCE_ID=h<megatron_tfree.ops.cuda.sources_hash()> so Python can tell a stale build.
+#ifndef TFREE_CUDA_SOURCE_ID
+#define TFREE_CUDA_SOURCE_ID hunknown
+#endif
+#define TFREE_CUDA_STR2(x) #x
+#define TFREE_CUDA_STR(x) TFREE_CUDA_STR2(x)
+
 namespace {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -263,6 +270,7 @@ at::Tensor decode_scores(const at::Tensor& logits, const at::Tensor& offsets, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "megatron_tfree CUDA kernels (see csrc/tfree_ops_cuda.cpp, csrc/*_kernels.cu, csrc/README.md)";
   mod.attr("device_type") = "cuda";
+  mod.attr("source_hash") = std::string(TFREE_CUDA_STR(TFREE_CUDA_SOURCE_ID)).substr(1);
   mod.attr("bce_max_chunk") = static_cast<int64_t>(TFREE_BCE_MAX_CHUNK);
   mod.def("embedding_bag_forward", &embedding_bag_forward, "sum of weight rows per CSR row", py::arg("weight"),
           py::arg("offsets"), py::arg("ids"), py::arg("vocab_start"));

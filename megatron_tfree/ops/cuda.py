@@ -5,7 +5,8 @@ functions (same names, arguments and results as the CPU module, see ``csrc/READM
 tensors to the CPU module. The module is looked up once, at the first op on a CUDA tensor:
 
 1. the prebuilt ``megatron_tfree._tfree_ops_cuda`` that ``setup.py`` builds on a machine where torch
-   has CUDA (``pip install --no-build-isolation --no-deps -e .``);
+   has CUDA (``pip install --no-build-isolation --no-deps -e .``), if it was built from the current
+   sources (its ``source_hash`` is :func:`sources_hash`);
 2. with ``MEGATRON_TFREE_CUDA_JIT=1`` (which also skips (1), to test edited sources), a JIT build
    (``torch.utils.cpp_extension.load``) into ``$TORCH_EXTENSIONS_DIR/megatron_tfree_cuda_ops_<hash>``
    (1-2 minutes once, then cached).
@@ -82,7 +83,8 @@ def _jit_build(build_root: Optional[str | os.PathLike]) -> ModuleType:
     logger.info("megatron_tfree ops: JIT-building the CUDA kernels into %s (1-2 min once, cached afterwards)",
                 build_dir)
     try:
-        return load(name=name, sources=[str(s) for s in srcs], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
+        return load(name=name, sources=[str(s) for s in srcs],
+                    extra_cflags=["-O3", f"-DTFREE_CUDA_SOURCE_ID=h{sources_hash()}"], extra_cuda_cflags=["-O3"],
                     build_directory=str(build_dir), verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         raise CudaBuildError(f"megatron_tfree CUDA ops: building {CSRC}/*_kernels.cu failed: {e}\nFix: a CUDA "
@@ -107,6 +109,11 @@ def load(jit: Optional[bool] = None, build_root: Optional[str | os.PathLike] = N
             mod, origin = importlib.import_module(PREBUILT), "prebuilt"
         except ImportError:
             pass
+        if mod is not None and sources() and getattr(mod, "source_hash", None) != sources_hash():
+            logger.info("megatron_tfree ops: prebuilt %s is stale (csrc/ CUDA sources changed); not used (re-run "
+                        "`pip install --no-build-isolation --no-deps -e .`, or set MEGATRON_TFREE_CUDA_JIT=1)",
+                        mod.__file__)
+            mod = None
     if mod is None and jit:
         mod, origin = _jit_build(build_root), "JIT build"
     if mod is not None:

@@ -264,3 +264,20 @@ def test_cuda_jit_build_without_a_toolkit_says_how_to_fix():
     with pytest.raises(cuda.CudaBuildError, match=r"no CUDA toolkit.*unset MEGATRON_TFREE_CUDA_JIT"):
         cuda.load(jit=True)
     assert len(cuda.sources_hash()) == 16 and {p.suffix for p in cuda.sources()} == {".cu", ".cpp"}
+
+
+def test_stale_prebuilt_cuda_module_is_not_used(monkeypatch, caplog):
+    import sys
+    import types
+
+    for name, value in (("_module", None), ("_origin", ""), ("_looked", False)):
+        monkeypatch.setattr(cuda, name, value)
+    fake = types.ModuleType(cuda.PREBUILT)
+    fake.__file__ = "/somewhere/_tfree_ops_cuda.so"
+    monkeypatch.setitem(sys.modules, cuda.PREBUILT, fake)
+    fake.source_hash = "0" * 16  # built from other sources
+    with caplog.at_level(logging.INFO, logger="megatron_tfree"):
+        assert cuda.load(jit=False) is None
+    assert "is stale" in caplog.text and "MEGATRON_TFREE_CUDA_JIT=1" in caplog.text
+    fake.source_hash = cuda.sources_hash()
+    assert cuda.load(jit=False) is fake and cuda.describe() == "prebuilt /somewhere/_tfree_ops_cuda.so"
