@@ -261,6 +261,71 @@ Targets local_targets(const at::Tensor& offsets, const at::Tensor& ids, int64_t 
   return t;
 }
 
+#ifdef TFREE_HAVE_AVX2_PATH
+// exp(y) for y <= 0, 8 lanes: y = n ln2 + r (two-part ln2), exp(r) by its degree-7 Taylor polynomial on
+// |r| <= ln2 / 2 (error < 1e-8 relative), times 2^n through the exponent bits. y is clamped at -87 (the
+// result stays a normal float; exp(-87) = 1.6e-38 is as good as 0 for softplus and sigmoid).
+TFREE_AVX2 inline __m256 exp_nonpositive(__m256 y) {
+  y = _mm256_max_ps(_mm256_set1_ps(-87.0f), y);  // operand order: a NaN y stays NaN (maxps returns the 2nd)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), y);  // ln2 = 0.693359375 - 2.12194440e-4
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// log1p(t) for t in [0, 1], 8 lanes: 2 atanh(s) with s = t / (2 + t) in [0, 1/3], the odd series up to
+// s^13 (truncation < 2e-8 relative); exact for t = 0 and without the cancellation of log(1 + t).
+TFREE_AVX2 inline __m256 log1p_unit(__m256 t) {
+  const __m256 s = _mm256_div_ps(t, _mm256_add_ps(t, _mm256_set1_ps(2.0f)));
+  const __m256 z = _mm256_mul_ps(s, s);
+  __m256 p = _mm256_set1_ps(1.0f / 13.0f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.0f / 11.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.0f / 9.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.0f / 7.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.0f / 5.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.0f / 3.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.0f));
+  return _mm256_mul_ps(_mm256_add_ps(s, s), p);
+}
+
+// The all-columns (negative) part of bce_row for float, 8 columns at a time: adds softplus(x) to sum
+// (two double accumulators, reduced in a fixed order: deterministic) and, if grad, writes
+// gscale * sigmoid(x) over x. Returns how many columns it did (a multiple of 8; the caller does the rest).
+TFREE_AVX2 int64_t bce_negatives_avx2(float* x, int64_t C, float gscale, bool grad, double& sum) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), g = _mm256_set1_ps(gscale);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 v = _mm256_loadu_ps(x + c);
+    const __m256 t = exp_nonpositive(_mm256_or_ps(v, sign));  // exp(-|x|)
+    const __m256 sp = _mm256_add_ps(_mm256_max_ps(zero, v), log1p_unit(t));  // NaN logits give NaN losses
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(sp)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(sp, 1)));
+    if (grad) {
+      const __m256 q = _mm256_div_ps(one, _mm256_add_ps(one, t));  // sigmoid(|x|)
+      const __m256 sig = _mm256_blendv_ps(_mm256_mul_ps(t, q), q, _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+      _mm256_storeu_ps(x + c, _mm256_mul_ps(g, sig));
+    }
+  }
+  alignas(32) double parts[8];
+  _mm256_store_pd(parts, acc0);
+  _mm256_store_pd(parts + 4, acc1);
+  for (double d : parts) sum += d;
+  return c;
+}
+#endif
+
 // One row of BCE-with-logits (pos_weight) over the columns [j0, j0 + C) of the local vocabulary:
 // returns the row's loss sum (without w and coef) and, if grad, overwrites x with
 // d(coef * w * loss)/dx. tb..te are the row's sorted distinct local targets; scratch is reused.
@@ -284,7 +349,13 @@ double bce_row(T* x, int64_t C, int64_t j0, const int64_t* tb, const int64_t* te
     sum += static_cast<double>(pw * sp_pos) - static_cast<double>(sp_neg);
     scratch.emplace_back(c, -gscale * pw * sig_neg);
   }
-  for (int64_t c = 0; c < C; ++c) {  // every column as a negative: softplus(x), grad sigmoid(x)
+  int64_t c = 0;  // every column as a negative: softplus(x), grad sigmoid(x)
+#ifdef TFREE_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2()) c = bce_negatives_avx2(x, C, gscale, grad, sum);
+  }
+#endif
+  for (; c < C; ++c) {
     const T v = x[c], t = std::exp(-std::abs(v));
     sum += static_cast<double>(std::max(v, T(0)) + std::log1p(t));
     if (grad) x[c] = gscale * (v >= T(0) ? T(1) / (T(1) + t) : t / (T(1) + t));

@@ -5,6 +5,7 @@ The extension is built once per session into the pytest cache (``.pytest_cache/d
 """
 
 import logging
+import math
 
 import pytest
 import torch
@@ -281,3 +282,28 @@ def test_stale_prebuilt_cuda_module_is_not_used(monkeypatch, caplog):
     assert "is stale" in caplog.text and "MEGATRON_TFREE_CUDA_JIT=1" in caplog.text
     fake.source_hash = cuda.sources_hash()
     assert cuda.load(jit=False) is fake and cuda.describe() == "prebuilt /somewhere/_tfree_ops_cuda.so"
+
+
+def test_bce_over_the_whole_logit_range_and_non_finite_logits(ext):
+    """The vectorised softplus/sigmoid (AVX2 path) hold over [-100, 100] and a width that leaves a tail;
+    NaN / inf logits give a NaN / inf loss (what the trainer's non-finite skip relies on)."""
+    gen = torch.Generator().manual_seed(9)
+    n, v = 24, 8 * 37 + 5
+    logits = torch.linspace(-100.0, 100.0, n * v)[torch.randperm(n * v, generator=gen)].view(n, v)
+    logits[:4] = torch.randn(4, v, generator=gen) * 3  # typical values too
+    t_off, t_ids = random_csr(n, 0, 6, v, gen)
+    weights = torch.rand(n, generator=gen)
+    x = logits.clone().requires_grad_(True)
+    loss = ops.tfree_bce_loss(x, t_off, t_ids, weights, 30.0, 10.0)
+    loss.backward()
+    x64 = logits.double().requires_grad_(True)  # the loss formula in float64 (the reference computes in fp32)
+    y = reference.multi_hot(t_off, t_ids, v, torch.float64)
+    F = torch.nn.functional
+    ref = (weights.double()[:, None] * (30.0 * y * F.softplus(-x64) + (1 - y) * F.softplus(x64))).mean() * 10.0
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
+    assert_grad_close(x.grad.double(), x64.grad)
+    for bad, expect in ((float("nan"), math.isnan), (float("inf"), math.isinf)):
+        poisoned = logits.clone()
+        poisoned[5, 3] = bad
+        assert expect(float(ops.tfree_bce_loss(poisoned, t_off, t_ids, weights, 30.0, 10.0)))
