@@ -1,7 +1,8 @@
 """CPU benchmark of the C++ ops (``cpp`` backend, csrc/tfree_ops.cpp) against PyTorch baselines.
 
 Three sections, ratios measured in the same run (median wall time of ``--repeat`` runs after a warm-up;
-the embedding-bag kernel and ``F.embedding_bag`` are timed in alternating rounds):
+the embedding-bag kernel and ``F.embedding_bag``, and the two head + loss paths, are timed in alternating
+rounds):
 
 * embedding-bag forward + backward (T-Free input layer: ~10 trigrams x m=10 ids per word): the kernel
   vs ``F.embedding_bag(mode="sum")`` vs a gather + ``index_add_`` formulation;
@@ -132,10 +133,9 @@ def bench_head_loss(n: int, h: int, vs: list[int], chunk: int, repeat: int) -> l
                 fn(hid, w, t_off, t_ids, weights, 300.0, 100.0, 0, v, chunk).backward()
             return step
 
-        res = {}
-        for name, fn in (("cpp fused", extension.tfree_head_loss), ("reference", reference.tfree_head_loss)):
-            step = run(fn)
-            res[name] = (timeit(step, repeat), peak_extra_mb(step))
+        steps = {"cpp fused": run(extension.tfree_head_loss), "reference": run(reference.tfree_head_loss)}
+        times = timeit_interleaved(steps, repeat)
+        res = {name: (times[name], peak_extra_mb(step)) for name, step in steps.items()}
         for name, (t, mb) in res.items():
             out.append({"section": "head+loss fwd+bwd", "shape": f"N={n}, h={h}, v={v}, chunk={chunk}", "impl": name,
                         "ms": 1e3 * t, "speedup_of_cpp": t / res["cpp fused"][0], "peak_extra_mb": mb})
