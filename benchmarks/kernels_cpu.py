@@ -143,7 +143,8 @@ def bench_head_loss(n: int, h: int, vs: list[int], chunk: int, repeat: int) -> l
 
 
 def synthetic_dictionary(n_words: int, v: int, m: int, gen: np.random.Generator) -> DecodeDictionary:
-    """``n_words`` words of ~6 trigrams (m ids each) with random ids, first/last trigram edge."""
+    """``n_words`` words of ~6 trigrams (m ids each) with random ids, first/last trigram edge (the flags in
+    random order within a word, as in a real dictionary)."""
     trigrams = gen.integers(3, 10, n_words)
     lengths = trigrams * m
     offsets = np.zeros(n_words + 1, np.int64)
@@ -151,6 +152,9 @@ def synthetic_dictionary(n_words: int, v: int, m: int, gen: np.random.Generator)
     ids = gen.integers(0, v, int(offsets[-1]), dtype=np.int32)
     local = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
     edge = (local < m) | (local >= np.repeat(lengths, lengths) - m)
+    # a real word's ids are its distinct ids in id order, so its edge flags are scattered: shuffle within words
+    order = np.argsort(np.repeat(np.arange(n_words), lengths) + gen.random(int(offsets[-1])) * 0.5, kind="stable")
+    edge = edge[order]
     blk = _Block([f"w{i}" for i in range(n_words)], np.zeros(n_words, np.int64), offsets, ids, edge,
                  trigrams.astype(np.int32))
     return DecodeDictionary([blk], v, m, {})
