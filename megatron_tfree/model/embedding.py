@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.batch import Batch
+from ..ops.reference import DEFAULT_CHUNK_SIZE
 from ..parallel import vocab as vocab_parallel
 from ..parallel.init import init_sharded, mark_sharded, vocab_range
 from ..parallel.layers import ColumnParallelLinear
@@ -103,7 +104,7 @@ class TFreeHeadLinear(ColumnParallelLinear):
     module call too, so hooks on the layer (ZeRO-3 gathering the weight) run as they do for logits."""
 
     def forward(self, x: torch.Tensor, batch: Batch | None = None, pos_weight: float = 1.0, loss_scale: float = 1.0,
-                vocab_start: int = 0, chunk_size: int = 4096) -> torch.Tensor:
+                vocab_start: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
         if batch is None:
             return super().forward(x)
         return vocab_parallel.tfree_head_loss(
@@ -119,7 +120,7 @@ class TFreeHead(_Head):
     linear_cls = TFreeHeadLinear
 
     def __init__(self, hidden_size: int, vocab_size: int, init_method: InitMethod, pos_weight: float, loss_scale: float,
-                 fused: bool = False, chunk_size: int = 4096):
+                 fused: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
         super().__init__(hidden_size, vocab_size, init_method)
         self.pos_weight = pos_weight
         self.loss_scale = loss_scale
