@@ -77,14 +77,15 @@ class _Block:
         the CPU, copied once per other device (cached: decoding scores the same patterns every word)."""
         device = torch.device(device)
         if device not in self._native:
-            if not self._native:
+            if device.type != "cpu":
+                self._native[device] = tuple(t.to(device) for t in self.native("cpu"))
+            else:
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only use
-            cpu = self._native.get(torch.device("cpu")) or (
-                torch.from_numpy(np.ascontiguousarray(self.offsets, dtype=np.int64)),
-                torch.from_numpy(np.ascontiguousarray(self.ids, dtype=np.int32)),
-                torch.from_numpy(np.ascontiguousarray(self.edge, dtype=bool).view(np.uint8)),
-                torch.from_numpy(np.ascontiguousarray(self.c, dtype=np.int32)))
-            self._native[device] = tuple(t.to(device) for t in cpu)
+                self._native[device] = (
+                    torch.from_numpy(np.ascontiguousarray(self.offsets, dtype=np.int64)),
+                    torch.from_numpy(np.ascontiguousarray(self.ids, dtype=np.int32)),
+                    torch.from_numpy(np.ascontiguousarray(self.edge, dtype=bool).view(np.uint8)),
+                    torch.from_numpy(np.ascontiguousarray(self.c, dtype=np.int32)))
         return self._native[device]
 
     def __len__(self) -> int:
