@@ -37,6 +37,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..checkpoint import CheckpointReader
 from ..model.gpt import make_input_batch
 from ..tokenizer.dictionary import DecodeDictionary
 from . import loading
@@ -64,17 +65,13 @@ class InferencePipe:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", word_counts: Optional[str | Path] = None,
                         allow_pickle: bool = False) -> "InferencePipe":
-        """Load config, tokenizer, weights and the decode dictionary (stored one, else built from the
-        checkpoint's ``word_counts.json`` plus ``word_counts``) of a save dir or tag dir."""
-        tag_dir = loading.resolve_checkpoint(path)
-        cfg = loading.load_checkpoint_config(tag_dir)
-        tokenizer = loading.load_checkpoint_tokenizer(tag_dir)
-        if tokenizer.kind != cfg.tokenizer.kind:
-            raise ValueError(f"{tag_dir}: config says tokenizer.kind={cfg.tokenizer.kind!r}, the saved tokenizer "
-                             f"is {tokenizer.kind!r}")
-        model = loading.load_model(tag_dir, cfg, tokenizer, device)
-        dictionary = loading.checkpoint_dictionary(tag_dir, tokenizer, word_counts, allow_pickle)
-        return cls(model, tokenizer, dictionary)
+        """Load config, tokenizer, weights (any layout, :class:`~megatron_tfree.checkpoint.CheckpointReader`)
+        and the decode dictionary (stored one, else built from the checkpoint's ``word_counts.json`` plus
+        ``word_counts``) of a run dir, tag dir or consolidated / imported directory."""
+        reader = CheckpointReader(path)
+        model = reader.load_model(device)
+        dictionary = loading.checkpoint_dictionary(reader.tag_dir, reader.tokenizer, word_counts, allow_pickle)
+        return cls(model, reader.tokenizer, dictionary)
 
     # ------------------------------------------------------------------ units and forward
     def units(self, text: str) -> list[str]:

@@ -30,7 +30,7 @@ from . import state
 from .state import LayoutError
 
 __all__ = ["LayoutError", "divide", "block_part", "shard_size", "shard_indices", "local_shard", "init_sharded", "vocab_range", "mark_sharded",
-           "gather_shards", "full_weight"]
+           "gather_shards", "merge_shards", "full_weight"]
 
 
 def divide(size: int, tp: int, what: str) -> int:
@@ -133,8 +133,28 @@ def gather_shards(shard: torch.Tensor, partition_dim: int, stride: int = 1, full
     size = full_size if full_size is not None else shard.shape[partition_dim] * s.tp
     sizes = [shard_size(size, s.tp, r, stride) for r in range(s.tp)]
     gathered = all_gather_along(shard.detach(), partition_dim, sizes)  # rank-major [r][block][part]
-    order = torch.cat([shard_indices(size, s.tp, r, stride) for r in range(s.tp)])  # full index of each gathered row
-    return torch.empty_like(gathered).index_copy_(partition_dim, order, gathered)
+    return _unshuffle(gathered, partition_dim, size, s.tp, stride)
+
+
+def _unshuffle(concatenated: torch.Tensor, dim: int, size: int, tp: int, stride: int) -> torch.Tensor:
+    """The full tensor from the rank-major concatenation of every rank's shard along ``dim``."""
+    order = torch.cat([shard_indices(size, tp, r, stride) for r in range(tp)])  # full index of each row
+    return torch.empty_like(concatenated).index_copy_(dim, order, concatenated)
+
+
+def merge_shards(shards: list[torch.Tensor], partition_dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor from the shards of TP ranks ``0 .. len(shards) - 1`` (in rank order; uneven and
+    strided shards put back in place): the local counterpart of :func:`gather_shards`, for shards read
+    from files. The inverse of :func:`local_shard`."""
+    if len(shards) == 1:
+        return shards[0]
+    tp = len(shards)
+    size = sum(s.shape[partition_dim] for s in shards)
+    for r, s in enumerate(shards):
+        if s.shape[partition_dim] != shard_size(size, tp, r, stride):
+            raise ValueError(f"TP shard {r} has {s.shape[partition_dim]} entries along dim {partition_dim}, expected "
+                             f"{shard_size(size, tp, r, stride)} of {size} (stride {stride})")
+    return _unshuffle(torch.cat(shards, dim=partition_dim), partition_dim, size, tp, stride)
 
 
 def full_weight(param: torch.Tensor, tensor: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,9 +14,10 @@ layout (1, 1, 1) with no groups, and every collective in :mod:`megatron_tfree.pa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -145,6 +146,19 @@ def get() -> ParallelState:
 
 def is_initialized() -> bool:
     return _STATE is not None
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[ParallelState]:
+    """Within the block :func:`get` is the trivial layout, whatever this process's groups are: layers
+    built there are whole (not TP shards), e.g. a full model read from a checkpoint on one rank."""
+    global _STATE
+    saved = _STATE
+    _STATE = None
+    try:
+        yield _TRIVIAL
+    finally:
+        _STATE = saved
 
 
 def destroy() -> None:

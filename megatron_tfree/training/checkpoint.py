@@ -1,22 +1,13 @@
-"""Checkpoints: DeepSpeed engine state plus our own files, and an atomic ``latest`` pointer.
+"""Saving and resuming a training run: the DeepSpeed engine's state plus our own files.
 
-Layout of ``{save_dir}``::
-
-    latest                       text: the tag of the newest *complete* checkpoint (e.g. "step_200")
-    step_200/                    one tag directory per checkpoint
-        mp_rank_00_model_states.pt, *optim_states.pt    DeepSpeed (model, optimizer, LR schedule)
-        config.yaml              the resolved Config
-        tokenizer/               tokenizer.save(...)
-        trainer_state.json       step, consumed_samples, skipped_steps, metrics_position, world_size
-        rng_state_rank{r}.json   python / numpy / torch (/ cuda) RNG states of rank r
-        word_counts.json         target words seen in training so far (all ranks summed)
-    metrics.jsonl, loss.png, tensorboard/
-
-``training.load_dir`` may also name a layout-free (consolidated) directory, recognised by its
-``consolidated.json`` marker (:mod:`.consolidate`); it resumes at any (TP, PP, DP, ZeRO) layout.
+The on-disk format (file names, the run-directory layout, ``latest``, tag resolution, the trainer
+state, weights-only loads, layout-free directories) is :mod:`megatron_tfree.checkpoint`'s; this module
+writes and reads it for the trainer. ``training.load_dir`` may name a run dir, a tag dir or a
+layout-free (consolidated) directory, recognised by its ``consolidated.json`` marker; the latter
+resumes at any (TP, PP, DP, ZeRO) layout (:func:`load_consolidated`).
 
 DeepSpeed's own ``.pt`` files are loaded with ``torch.load(weights_only=True)`` too
-(:func:`_weights_only_loads`), allowing just the few DeepSpeed classes its optimizer states contain.
+(:class:`_weights_only_loads`), allowing just the few DeepSpeed classes its optimizer states contain.
 
 Order of a save: every rank writes its DeepSpeed shards and RNG file, rank 0 the rest; a barrier;
 then rank 0 replaces ``latest`` atomically (temp file + ``os.replace``). A crash anywhere before
@@ -30,7 +21,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,50 +29,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-LATEST_FILE = "latest"
-STATE_FILE = "trainer_state.json"
-WORD_COUNTS_FILE = "word_counts.json"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_DIR = "tokenizer"
+from megatron_tfree.checkpoint import consolidated
+from megatron_tfree.checkpoint.files import (CONFIG_FILE, LATEST_FILE, STATE_FILE, TOKENIZER_DIR,  # noqa: F401
+                                             WORD_COUNTS_FILE, TrainerState, read_latest, resolve_tag_dir, rng_file,
+                                             tag_for, write_json, write_latest)
+from megatron_tfree.training import deepspeed_state
+from megatron_tfree.training.deepspeed_state import weights_only_loads as _weights_only_loads
 
-
-def tag_for(step: int) -> str:
-    return f"step_{step}"
-
-
-@dataclass
-class TrainerState:
-    """Counters that, with the engine state, make a resumed run continue exactly."""
-
-    step: int = 0  # optimizer steps taken (including skipped ones)
-    consumed_samples: int = 0  # global data position (all data-parallel ranks together)
-    skipped_steps: int = 0  # steps skipped because of a non-finite loss
-    metrics_position: int = 0  # byte length of metrics.jsonl at save time
-    world_size: int = 1
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainerState":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-# --------------------------------------------------------------------------------------------------
-# small file helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + fsync + os.replace (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_atomic(path, json.dumps(data, ensure_ascii=False))
+_write_json = write_json  # module-level name: the save path calls it (tests replace it to simulate a crash)
 
 
 def _rank() -> int:
@@ -91,19 +46,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def read_latest(save_dir: str | os.PathLike) -> Optional[str]:
-    """The tag in ``{save_dir}/latest``, or None when there is no complete checkpoint."""
-    path = Path(save_dir) / LATEST_FILE
-    if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    return tag or None
-
-
-def write_latest(save_dir: str | os.PathLike, tag: str) -> None:
-    _write_atomic(Path(save_dir) / LATEST_FILE, tag + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +104,7 @@ def save_checkpoint(engine: Any, cfg: Any, tokenizer: Any, state: TrainerState, 
     engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": asdict(state)}, save_latest=False)
     tag_dir = root / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(tag_dir / f"rng_state_rank{rank}.json", capture_rng())
+    _write_json(tag_dir / rng_file(rank), capture_rng())
     totals = gather_word_counts(word_counts)
     if rank == 0:
         cfg.save(tag_dir / CONFIG_FILE)
@@ -182,49 +124,25 @@ def save_checkpoint(engine: Any, cfg: Any, tokenizer: Any, state: TrainerState, 
 
 
 def find_resume(cfg: Any) -> Optional[tuple[Path, str]]:
-    """``(root, tag)`` to resume from: ``training.load_dir`` (a run dir with ``latest`` or a tag dir),
-    else ``training.save_dir`` when it has a ``latest``; None for a fresh run."""
+    """``(root, tag)`` to resume from: ``training.load_dir`` (a run dir with ``latest``, a tag dir or a
+    consolidated dir), else ``training.save_dir`` when it has a ``latest``; None for a fresh run."""
     t = cfg.training
     if t.load_dir:
-        path = Path(t.load_dir)
-        tag = read_latest(path)
-        if tag is not None:
-            return path, tag
-        if (path / STATE_FILE).is_file():
-            return path.parent, path.name
-        raise FileNotFoundError(f"training.load_dir={t.load_dir}: neither a '{LATEST_FILE}' file nor a "
-                                f"checkpoint directory with {STATE_FILE}")
+        try:
+            tag_dir = resolve_tag_dir(t.load_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"training.load_dir={t.load_dir}: {e}") from None
+        return tag_dir.parent, tag_dir.name
     tag = read_latest(t.save_dir)
     return (Path(t.save_dir), tag) if tag is not None else None
 
 
-def _deepspeed_safe_globals() -> list[Any]:
-    """The DeepSpeed classes its checkpoints pickle (loss scalers, ZeRO stage enum, fragment addresses)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-class _weights_only_loads:
-    """Within the block, ``engine.checkpoint_engine.load`` uses ``torch.load(weights_only=True)``."""
-
-    def __init__(self, engine: Any) -> None:
-        self.target = engine.checkpoint_engine
-        self.files: list[str] = []  # what was loaded (tests check every file went through here)
-
-    def _load(self, path: str, map_location: Any = None) -> Any:
-        self.files.append(str(path))
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    def __enter__(self) -> "_weights_only_loads":
-        self.target.load = self._load  # instance attribute shadows the class method
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.target.load
+def _read_counts(tag_dir: Path) -> Counter:
+    """The saved word counts on rank 0 (empty elsewhere, so summing over ranks at the next save is right)."""
+    counts: Counter = Counter()
+    if _rank() == 0 and (tag_dir / WORD_COUNTS_FILE).is_file():
+        counts.update(json.loads((tag_dir / WORD_COUNTS_FILE).read_text()))
+    return counts
 
 
 def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> tuple[TrainerState, Counter]:
@@ -234,25 +152,58 @@ def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> tuple[Tra
     summing over ranks at the next save stays correct)."""
     root, rank = Path(root), _rank()
     tag_dir = root / tag
-    state_path = tag_dir / STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete: {STATE_FILE} is missing")
-    from megatron_tfree.training import consolidate
-
-    if consolidate.is_consolidated(tag_dir):  # layout-free checkpoint: any layout resumes from it
-        return consolidate.load_consolidated(engine, tag_dir)
+    state = TrainerState.read(tag_dir)
+    if consolidated.is_consolidated(tag_dir):  # layout-free checkpoint: any layout resumes from it
+        return load_consolidated(engine, tag_dir), _read_counts(tag_dir)
     with _weights_only_loads(engine):
         load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the engine state from {tag_dir}")
-    state = TrainerState.from_dict(json.loads(state_path.read_text()))
-    rng_path = tag_dir / f"rng_state_rank{rank}.json"
+    rng_path = tag_dir / rng_file(rank)
     if rng_path.is_file():
         restore_rng(json.loads(rng_path.read_text()))
     elif rank == 0 or state.world_size > rank:
         raise FileNotFoundError(f"checkpoint {tag_dir}: {rng_path.name} is missing")
-    counts: Counter = Counter()
-    if rank == 0 and (tag_dir / WORD_COUNTS_FILE).is_file():
-        counts.update(json.loads((tag_dir / WORD_COUNTS_FILE).read_text()))
-    return state, counts
+    return state, _read_counts(tag_dir)
+
+
+def load_consolidated(engine: Any, tag_dir: str | os.PathLike) -> TrainerState:
+    """Resume ``engine`` (any layout, ZeRO 0-3) from a consolidated directory: this rank's slices of
+    the weights and Adam moments (zeros for a weights-only directory), the optimizer step, LR
+    scheduler, engine counters and RNG. Returns the trainer state."""
+    from megatron_tfree.checkpoint.names import named_model_params
+    from megatron_tfree.parallel import state as pstate
+    from megatron_tfree.parallel.init import local_shard
+
+    tag_dir = Path(tag_dir)
+    meta = consolidated.read_meta(tag_dir)
+    layout = pstate.get()
+    optimizer_meta = meta.get("optimizer") or {"step": 0}
+    basic = deepspeed_state.prepare_optimizer(engine, step=optimizer_meta["step"])
+    files = consolidated.ConsolidatedFiles(tag_dir)
+    for name, p in named_model_params(engine.module):
+        for key in (None, *deepspeed_state.MOMENTS):
+            full = files.tensor(name) if key is None else files.moment(key, name)
+            if full is None:  # weights only: the moments stay zero
+                continue
+            where = consolidated.MODEL_FILE if key is None else consolidated.OPTIMIZER_FILE
+            entry = name if key is None else consolidated.moment_name(key, name)
+            if tuple(full.shape) != deepspeed_state.layout_free_shape(p):
+                raise ValueError(f"{tag_dir / where}: {entry!r} has shape {tuple(full.shape)}, the model "
+                                 f"{deepspeed_state.layout_free_shape(p)}")
+            if getattr(p, "tensor_model_parallel", False):
+                full = local_shard(full, p.partition_dim, layout.tp, layout.tp_rank, p.partition_stride)
+            deepspeed_state.set_local(p, basic, key, full)
+    if meta.get("scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(meta["scheduler"])
+    counters = meta.get("engine", {})
+    engine.global_steps = counters.get("global_steps", engine.global_steps)
+    engine.global_samples = counters.get("global_samples", engine.global_samples)
+    engine.skipped_steps = counters.get("skipped_steps", engine.skipped_steps)
+    rng = tag_dir / rng_file(layout.rank)  # same rank of the source layout, else rank 0's
+    if not rng.is_file():
+        rng = tag_dir / rng_file(0)
+    if rng.is_file():  # an import has no RNG states: the run's seeds stand
+        restore_rng(json.loads(rng.read_text()))
+    return TrainerState.read(tag_dir)

@@ -3,7 +3,7 @@ weights + Adam moments, :mod:`megatron_tfree.training.consolidate`) and resumed 
 (1, 2, 1): the next 3 losses equal those of the uninterrupted (2, 2) run (3 steps, so missing or
 misplaced Adam moments or a wrong step count would show). Also: the consolidated weights are the
 gathered full weights, an existing output is not overwritten, inference reads the consolidated
-directory (same logits as the resumed engine's module) but refuses a TP/PP DeepSpeed checkpoint, the
+directory (same logits as the resumed engine's module) and the TP/PP DeepSpeed checkpoint itself, the
 CLI writes it back as a (1, 1, 2) ZeRO-1 / ZeRO-3 DeepSpeed checkpoint that resumes exactly, and
 zeroed Adam moments make the comparison fail (the test can see them).
 """
@@ -154,11 +154,20 @@ def test_existing_output_is_not_overwritten(source):
 
 
 @pytest.mark.distributed
-def test_inference_refuses_tp_pp_deepspeed_checkpoint(source):
+def test_inference_reads_tp_pp_deepspeed_checkpoint(source):
+    """Inference streams the (TP=2, PP=2) DeepSpeed files themselves (no conversion): exactly the
+    gathered weights, and the same logits as from the consolidated directory."""
     from megatron_tfree.inference import loading
+    from megatron_tfree.inference.pipe import InferencePipe
 
-    with pytest.raises(ValueError, match="convert_checkpoint.py"):
-        loading.load_model_state(source["run_dir"] / f"step_{N}")
+    direct = loading.load_model_state(source["run_dir"] / f"step_{N}")
+    assert sorted(direct) == sorted(source["gathered"])
+    for name, full in source["gathered"].items():
+        assert torch.equal(direct[name], full), name
+    with torch.no_grad():
+        got = InferencePipe.from_checkpoint(source["run_dir"] / f"step_{N}").logits(PROMPT)
+        expected = InferencePipe.from_checkpoint(source["consolidated"]).logits(PROMPT)
+    assert torch.equal(got, expected)
 
 
 def _cli():
