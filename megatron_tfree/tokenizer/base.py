@@ -16,8 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-ID_DTYPE = np.int32  # vocabulary ids (v < 2**31)
-OFFSET_DTYPE = np.int64
+from .hashing import ID_DTYPE, OFFSET_DTYPE  # noqa: F401 (int32 vocabulary ids, int64 CSR offsets)
 
 
 @dataclass

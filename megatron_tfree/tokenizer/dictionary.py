@@ -6,8 +6,8 @@ reference) and ``N`` (the others), and ``c`` = its number of distinct trigrams (
 whole). The ids are stored CSR-style (``offsets`` / ``ids`` / ``edge`` flags), so a million words
 take ~60M int32 ids, and scoring is one sparse CSR x dense matmul, no Python loop over words.
 
-Scores (``score``), with ``p = sigmoid(logits)`` in fp32, ``m = vocab_population``, ``v = vocab_size``
-and edge weight ``e``::
+Scores (``score``, computed by :mod:`.scoring` or the native kernel), with ``p = sigmoid(logits)`` in
+fp32, ``m = vocab_population``, ``v = vocab_size`` and edge weight ``e``::
 
     S_w     = sum_{i in N_w} p_i + e * sum_{i in Edge_w} p_i
     score_w = S_w / (m c_w) + (S_w - sum_i p_i) / (v - m c_w)
@@ -34,7 +34,6 @@ metadata, tokenizer config); never pickle. Word counts are read from JSON ``{"wo
 from __future__ import annotations
 
 import json
-import math
 import logging
 import time
 import warnings
@@ -45,6 +44,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from . import scoring
 from .word_counts import read_word_counts, write_word_counts
 from .words import END_OF_TEXT, SPECIAL_WORDS
 
@@ -100,14 +100,8 @@ class _Block:
         """The ``[n, v]`` CSR weight matrix (1 on N ids, ``edge_weight`` on Edge ids), cached."""
         key = (float(edge_weight), str(device))
         if key not in self._matrix:
-            vals = np.where(self.edge, np.float32(edge_weight), np.float32(1.0)).astype(np.float32)
-            # int32 indices make the CPU CSR matmul ~3x faster (less memory traffic) when they fit
-            index = np.int32 if len(self.ids) < 2**31 else np.int64
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                self._matrix[key] = torch.sparse_csr_tensor(
-                    torch.from_numpy(self.offsets.astype(index)), torch.from_numpy(self.ids.astype(index)),
-                    torch.from_numpy(vals), (len(self), v), check_invariants=False).to(device)
+            offsets, ids, edge, _ = self.native("cpu")
+            self._matrix[key] = scoring.weight_matrix(offsets, ids, edge, v, edge_weight).to(device)
         return self._matrix[key]
 
 
@@ -354,17 +348,9 @@ class DecodeDictionary:
             parts = [kernel(logits, *b.native(logits.device), self.vocab_population, edge_weight)
                      for b in self._blocks if len(b)]
             return torch.cat(parts, dim=1) if parts else logits.new_zeros(logits.shape[0], 0, dtype=torch.float32)
-        p = torch.sigmoid(logits.float())
-        total = p.sum(dim=1, keepdim=True)  # [B, 1]
-        m, v = self.vocab_population, self.vocab_size
-        out = []
-        for b in self._blocks:
-            if not len(b):
-                continue
-            s = (b.matrix(edge_weight, p.device, v) @ p.t().contiguous()).t()  # [B, n_b]
-            mc = torch.from_numpy(b.c.astype(np.float32) * m).to(p.device)
-            out.append(s / mc + (s - total) / torch.clamp(v - mc, min=1.0))
-        return torch.cat(out, dim=1) if out else p.new_zeros(p.shape[0], 0)
+        out = [scoring.spec_scores(logits, b.matrix(edge_weight, logits.device, self.vocab_size),
+                                   torch.from_numpy(b.c), self.vocab_population) for b in self._blocks if len(b)]
+        return torch.cat(out, dim=1) if out else logits.new_zeros(logits.shape[0], 0, dtype=torch.float32)
 
     def log_probs(self, logits: torch.Tensor, edge_weight: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
         """Log-softmax over the dictionary of ``score / temperature`` (``[B, n_words]``)."""
@@ -384,14 +370,9 @@ class DecodeDictionary:
         """
         if logits.ndim != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"likelihood_log_probs expects logits [B, {self.vocab_size}], got {tuple(logits.shape)}")
-        logp = torch.nn.functional.logsigmoid(logits.float() - math.log(pos_weight))
-        ones = logp.new_ones(self.vocab_size, 1)
-        out = []
-        for b in self._blocks:
-            if len(b):
-                m = b.matrix(1.0, logp.device, self.vocab_size)
-                out.append((m @ logp.t().contiguous()).t() / (m @ ones).t().clamp(min=1.0))
-        means = torch.cat(out, dim=1) if out else logp.new_zeros(logp.shape[0], 0)
+        out = [scoring.geometric_means(logits, b.matrix(1.0, logits.device, self.vocab_size), pos_weight)
+               for b in self._blocks if len(b)]
+        means = torch.cat(out, dim=1) if out else logits.new_zeros(logits.shape[0], 0, dtype=torch.float32)
         return torch.log_softmax(means, dim=1)
 
     # ------------------------------------------------------------------ storage
