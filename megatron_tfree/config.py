@@ -60,7 +60,9 @@ class ModelConfig:
     num_layers: int = 4
     num_attention_heads: int = 4
     num_kv_heads: int = 0  # 0 = same as num_attention_heads (no grouped KV)
-    mlp_factor: float = 2.66796875  # SwiGLU inner size = round(mlp_factor * hidden_size)
+    mlp_factor: float = 2.66796875  # SwiGLU inner size = int(mlp_factor * hidden_size) ...
+    ffn_hidden_size: int = 0  # ... unless set here (> 0): the SwiGLU inner size itself (e.g. imported models)
+    bias: bool = False  # biases on the attention (q, k, v, out) and MLP linears (the reference's bias_terms)
     norm_eps: float = 1e-5
     rotary_embedding_base: float = 10000.0
     dropout: float = 0.0
@@ -114,6 +116,9 @@ class TrainingConfig:
     save_dir: str = "runs/tiny"
     save_interval: int = 100  # steps; a checkpoint is also written at the end
     load_dir: str = ""  # resume from here ("" = resume from save_dir when it has a `latest`)
+    # start a new run from these weights (any checkpoint: run dir, tag dir of any layout, consolidated or
+    # imported dir) with a fresh optimizer and schedule; ignored once save_dir has a checkpoint to resume
+    init_from: str = ""
     log_interval: int = 10
     eval_interval: int = 100
     eval_iterations: int = 4
@@ -334,6 +339,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("model.num_kv_heads", f"({m.num_kv_heads}) must divide model.num_attention_heads ({m.num_attention_heads})")
     if not 0.0 <= m.dropout < 1.0:
         bad("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.ffn_hidden_size < 0:
+        bad("model.ffn_hidden_size", f"must be >= 0 (0 = int(model.mlp_factor * model.hidden_size)), got {m.ffn_hidden_size}")
     positive(m, "init_std", "model")
     positive(m, "loss_pos_weight", "model")
     positive(m, "loss_scale", "model")
@@ -379,6 +386,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("training.sample_words", f"must be > 0, got {tr.sample_words}")
     if not tr.save_dir:
         bad("training.save_dir", "must not be empty")
+    if tr.init_from and tr.load_dir:
+        bad("training.init_from", "and training.load_dir exclude each other: load_dir resumes a run (weights, "
+            "optimizer, schedule, data position), init_from starts a new one from weights only")
 
     positive(p, "tensor", "parallel")
     positive(p, "pipe", "parallel")

@@ -99,8 +99,8 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
         raise ConfigError(f"parallel.tensor ({tp}) must divide model.num_kv_heads ({kv})")
     ffn = mlp_inner_size(m)
     if ffn % tp:
-        raise ConfigError(f"parallel.tensor ({tp}) must divide the SwiGLU inner size int(model.mlp_factor * "
-                          f"model.hidden_size) = {ffn}")
+        raise ConfigError(f"parallel.tensor ({tp}) must divide the SwiGLU inner size (model.ffn_hidden_size, or "
+                          f"int(model.mlp_factor * model.hidden_size)) = {ffn}")
     v = vocab_size(cfg)
     vkey = "tokenizer.vocab_size" if cfg.tokenizer.kind == "tfree" else "tokenizer.classic_vocab_size"
     if v % tp:
@@ -128,12 +128,15 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
 
 def block_params(cfg: Config, tensor: int = 1) -> int:
     """Parameters of one :class:`TransformerBlock` on one TP rank (two replicated RMSNorm weights,
-    fused QKV and attention out, fused SwiGLU gate|up and down, all bias-free)."""
+    fused QKV and attention out, fused SwiGLU gate|up and down; with ``model.bias`` their biases: the
+    QKV and gate|up ones split, the attention-out and down ones replicated)."""
     m = cfg.model
     h = m.hidden_size
     d = h // m.num_attention_heads
     q, kvd, ffn = m.num_attention_heads * d, (m.num_kv_heads or m.num_attention_heads) * d, mlp_inner_size(m)
     linears = h * (q + 2 * kvd) + q * h + h * 2 * ffn + ffn * h
+    if m.bias:
+        return 2 * h + 2 * h + (linears + q + 2 * kvd + 2 * ffn) // tensor
     return 2 * h + linears // tensor
 
 

@@ -1,6 +1,6 @@
 """The decoder block of megatron_tfree: RMSNorm, rotary embeddings, attention, SwiGLU MLP.
 
-A Llama-style pre-norm block without biases, the same for T-Free and classic models::
+A Llama-style pre-norm block (no biases unless ``model.bias``), the same for T-Free and classic models::
 
     h = h + dropout(Attention(RMSNorm(h)))
     h = h + dropout(MLP(RMSNorm(h)))
@@ -97,25 +97,29 @@ def _as_nn_linear(init_method: InitMethod) -> InitMethod:
 
 
 def column_linear(in_features: int, out_features: int, init_method: InitMethod, stride: int = 1,
-                  name: str = "output features", cls: type[ColumnParallelLinear] = ColumnParallelLinear) -> nn.Module:
-    """Bias-free linear whose output dimension tensor parallelism splits (QKV, gate|up, head): a
-    :class:`~megatron_tfree.parallel.layers.ColumnParallelLinear` (a plain linear at tp=1; or the subclass
-    ``cls``) whose output is this TP rank's slice; ``stride`` = number of fused blocks each rank takes a
-    slice of."""
-    return cls(in_features, out_features, _as_nn_linear(init_method), stride=stride, name=name)
+                  name: str = "output features", cls: type[ColumnParallelLinear] = ColumnParallelLinear,
+                  bias: bool = False) -> nn.Module:
+    """Linear (bias-free unless ``bias``) whose output dimension tensor parallelism splits (QKV, gate|up,
+    head): a :class:`~megatron_tfree.parallel.layers.ColumnParallelLinear` (a plain linear at tp=1; or the
+    subclass ``cls``) whose output is this TP rank's slice; ``stride`` = number of fused blocks each rank
+    takes a slice of."""
+    kwargs = {"bias": True} if bias else {}
+    return cls(in_features, out_features, _as_nn_linear(init_method), stride=stride, name=name, **kwargs)
 
 
-def row_linear(in_features: int, out_features: int, init_method: InitMethod, name: str = "input features") -> nn.Module:
-    """Bias-free linear whose input dimension tensor parallelism splits (attention out, MLP down): a
-    :class:`~megatron_tfree.parallel.layers.RowParallelLinear` taking this rank's slice of the input
-    and returning the full (all-reduced) output."""
-    return RowParallelLinear(in_features, out_features, _as_nn_linear(init_method), name=name)
+def row_linear(in_features: int, out_features: int, init_method: InitMethod, name: str = "input features",
+               bias: bool = False) -> nn.Module:
+    """Linear (bias-free unless ``bias``) whose input dimension tensor parallelism splits (attention out,
+    MLP down): a :class:`~megatron_tfree.parallel.layers.RowParallelLinear` taking this rank's slice of
+    the input and returning the full (all-reduced) output."""
+    return RowParallelLinear(in_features, out_features, _as_nn_linear(init_method), name=name, bias=bias)
 
 
 def mlp_inner_size(cfg: ModelConfig) -> int:
-    """SwiGLU inner size ``int(mlp_factor * hidden_size)``: truncation, no multiple-of rounding, as in
-    the reference (7B: 4096 * 2.66796875 = 10928; tiny: 256 * 2.66796875 = 683)."""
-    return int(cfg.mlp_factor * cfg.hidden_size)
+    """SwiGLU inner size: ``model.ffn_hidden_size`` when set, else ``int(mlp_factor * hidden_size)``
+    (truncation, no multiple-of rounding, as in the reference: 7B 4096 * 2.66796875 = 10928; tiny
+    256 * 2.66796875 = 683)."""
+    return cfg.ffn_hidden_size or int(cfg.mlp_factor * cfg.hidden_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def build_attention_meta(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional grouped KV heads, fused QKV, rotary, no biases."""
+    """Multi-head self-attention with optional grouped KV heads, fused QKV, rotary (biases: ``model.bias``)."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
@@ -275,9 +279,9 @@ class Attention(nn.Module):
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         kv_key = "model.num_kv_heads" if cfg.num_kv_heads else "model.num_attention_heads"
         divide(self.num_kv_heads, parallel_state.get().tp, kv_key)  # each rank holds whole KV groups
-        self.qkv = column_linear(cfg.hidden_size, qkv_out, init_method_normal(std), name=kv_key)
+        self.qkv = column_linear(cfg.hidden_size, qkv_out, init_method_normal(std), name=kv_key, bias=cfg.bias)
         self.dense = row_linear(self.num_heads * self.head_dim, cfg.hidden_size, init_method_normal(out_std),
-                                name=kv_key)
+                                name=kv_key, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         B, S, _ = x.shape
@@ -315,8 +319,9 @@ class SwiGLUMLP(nn.Module):
         self.ffn = mlp_inner_size(cfg)
         key = "SwiGLU inner size int(model.mlp_factor * model.hidden_size)"
         # uneven TP splits are fine here (the reference's sizes are often odd: 683)
-        self.gate_up = column_linear(cfg.hidden_size, 2 * self.ffn, init_method_normal(std), stride=2, name=key)
-        self.down = row_linear(self.ffn, cfg.hidden_size, init_method_normal(out_std), name=key)
+        self.gate_up = column_linear(cfg.hidden_size, 2 * self.ffn, init_method_normal(std), stride=2, name=key,
+                                     bias=cfg.bias)
+        self.down = row_linear(self.ffn, cfg.hidden_size, init_method_normal(out_std), name=key, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

@@ -1,4 +1,4 @@
-"""Tensor-parallel bias-free linear layers (Megatron-LM's column / row split).
+"""Tensor-parallel linear layers (Megatron-LM's column / row split), bias-free unless asked.
 
 * :class:`ColumnParallelLinear` ``y = x W^T`` with ``W [out, in]`` split along ``out``: each TP rank
   holds ``out / tp`` rows and produces its slice of the output features. The input is replicated
@@ -13,7 +13,8 @@
 Both are plain ``nn.Linear`` equivalents at ``tp == 1`` (same ``weight`` name and shape, so state
 dicts do not change) and initialise layout-independently (:mod:`.init`). Their weights carry
 ``tensor_model_parallel`` / ``model_parallel`` / ``partition_dim`` / ``partition_stride``
-(:func:`.init.mark_sharded`).
+(:func:`.init.mark_sharded`). With ``bias=True`` (zeros at init) a column-parallel bias is split like the
+output features; a row-parallel bias is replicated and added once, after the reduction.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ColumnParallelLinear(nn.Module):
             ``tp * stride`` with ``gather_output``, else ranks may hold uneven parts, see :mod:`.init`).
         init_method: in-place initialiser applied to the *full* ``[out, in]`` weight.
         gather_output: return the full ``[..., out]`` output on every rank instead of the local slice.
+        bias: add a bias (zeros at init), split over the TP group like the output features.
         stride: the output is ``stride`` equal fused blocks (e.g. 2 for ``[gate | up]``); each rank
             keeps its slice of every block, in block order.
         sequence_parallel: the input is split along the sequence (dim 1) over the TP group.
@@ -48,7 +50,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, init_method: InitMethod, gather_output: bool = False,
-                 stride: int = 1, sequence_parallel: bool = False, name: str = "output features"):
+                 stride: int = 1, sequence_parallel: bool = False, name: str = "output features", bias: bool = False):
         super().__init__()
         s = state.get()
         self.in_features, self.out_features = in_features, out_features
@@ -61,10 +63,15 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features))
         init_sharded(self.weight, (out_features, in_features), init_method, partition_dim=0, stride=stride)
         mark_sharded(self.weight, partition_dim=0, stride=stride, full_size=out_features)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_per_rank))
+            mark_sharded(self.bias, partition_dim=0, stride=stride, full_size=out_features)
+        else:
+            self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x) if self.sequence_parallel else copy_to_tp(x)
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if not self.gather_output:
             return y
         y = gather_from_tp(y)
@@ -90,10 +97,11 @@ class RowParallelLinear(nn.Module):
             :class:`ColumnParallelLinear`); otherwise the full input is split here.
         sequence_parallel: reduce-scatter the output along the sequence (dim 1) instead of all-reducing.
         name: config key(s) named in a :class:`~megatron_tfree.parallel.state.LayoutError`.
+        bias: add a bias (zeros at init; replicated, added after the reduction).
     """
 
     def __init__(self, in_features: int, out_features: int, init_method: InitMethod, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, name: str = "input features"):
+                 sequence_parallel: bool = False, name: str = "input features", bias: bool = False):
         super().__init__()
         s = state.get()
         self.in_features, self.out_features = in_features, out_features
@@ -104,12 +112,14 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank))
         init_sharded(self.weight, (out_features, in_features), init_method, partition_dim=1)
         mark_sharded(self.weight, partition_dim=1, full_size=in_features)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None  # replicated, added once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x)
         y = F.linear(x, self.weight)
-        return reduce_scatter_to_sp(y) if self.sequence_parallel else reduce_from_tp(y)
+        y = reduce_scatter_to_sp(y) if self.sequence_parallel else reduce_from_tp(y)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {self.in_per_rank}), out_features={self.out_features}, "

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from megatron_tfree.config import Config
 from megatron_tfree.training import checkpoint as ckpt
+from megatron_tfree.training import init_from
 from megatron_tfree.training.engine import build_engine, build_model, setup_parallel
 from megatron_tfree.training.metrics import PLOT_FILE, MetricsLogger, format_line, plot_loss
 from megatron_tfree.training.steps import BitsFn, evaluate, train_step
@@ -102,14 +103,17 @@ def _rank0_first(fn: Callable[[], Any]) -> Any:
     return out if rank == 0 else fn()
 
 
-def _make_tokenizer(cfg: Config, resume: Optional[tuple[Path, str]]) -> Any:
-    """The checkpoint's tokenizer when resuming, else the config's (a missing classic BPE is fitted on
-    the train split once, see :func:`megatron_tfree.data.sources.tokenizer_for_config`)."""
+def _make_tokenizer(cfg: Config, resume: Optional[tuple[Path, str]], init: Any) -> Any:
+    """The checkpoint's tokenizer when resuming or starting from ``training.init_from``, else the config's
+    (a missing classic BPE is fitted on the train split once, see
+    :func:`megatron_tfree.data.sources.tokenizer_for_config`)."""
     from megatron_tfree.data.sources import tokenizer_for_config
     from megatron_tfree.tokenizer import load_tokenizer
 
     if resume is not None:
         return load_tokenizer(resume[0] / resume[1] / ckpt.TOKENIZER_DIR)
+    if init is not None:
+        return init.tokenizer
     return tokenizer_for_config(cfg)
 
 
@@ -129,8 +133,11 @@ def train(cfg: Config, stop_after: Optional[int] = None,
     rank, dp_rank, dp_world = layout.rank, layout.dp_rank, layout.dp
     save_dir = Path(t.save_dir)
     resume = ckpt.find_resume(cfg)
-    tokenizer = _rank0_first(lambda: _make_tokenizer(cfg, resume))
+    init = init_from.open_source(cfg) if resume is None and t.init_from else None
+    tokenizer = _rank0_first(lambda: _make_tokenizer(cfg, resume, init))
     model = build_model(cfg, tokenizer.vocab_size)
+    if init is not None:
+        init_from.load_weights(model, init)
     random.seed(t.seed + rank)
     np.random.seed((t.seed + rank) % 2**32)
     torch.manual_seed(t.seed + rank)
@@ -155,6 +162,8 @@ def train(cfg: Config, stop_after: Optional[int] = None,
     bar = tqdm(total=t.train_iterations, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     last_bpb: Optional[float] = None
     bits_fn = bits_per_byte_fn(tokenizer, cfg, valid) if valid is not None else None
+    if rank == 0 and init is not None:
+        bar.write(f"initialised from {init.tag_dir} ({init.describe()}): weights only, fresh optimizer and schedule")
     if rank == 0 and resume is not None:
         msg = f"resuming {resume[0] / resume[1]} at step {state.step}"
         if state.step >= last:

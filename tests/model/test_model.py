@@ -121,6 +121,24 @@ def test_classic_requires_one_id_per_position():
 def test_mlp_inner_size_matches_reference_rounding():
     assert mlp_inner_size(ModelConfig(hidden_size=4096, mlp_factor=2.66796875)) == 10928
     assert mlp_inner_size(ModelConfig(hidden_size=256)) == 683
+    # an explicit size (imported models: a ratio does not always truncate back to the size)
+    assert int(3589 / 3584 * 3584) == 3588
+    assert mlp_inner_size(ModelConfig(hidden_size=3584, num_attention_heads=4, ffn_hidden_size=3589)) == 3589
+    model = GPTModel(cfg(ffn_hidden_size=40), "tfree", V, seed=0)
+    assert model.blocks[0].mlp.gate_up.weight.shape == (80, model.cfg.hidden_size)
+
+
+def test_biases_are_optional_zero_initialised_and_not_decayed():
+    plain = GPTModel(cfg(), "tfree", V, seed=0)
+    biased = GPTModel(cfg(bias=True), "tfree", V, seed=0)
+    extra = set(dict(biased.named_parameters())) - set(dict(plain.named_parameters()))
+    assert extra == {f"blocks.{i}.{m}.bias" for i in range(len(plain.blocks))
+                     for m in ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.down")}
+    for name, p in plain.named_parameters():  # the weights do not change (no RNG drawn for biases)
+        assert torch.equal(p, biased.get_parameter(name)), name
+    assert all(float(biased.get_parameter(n).abs().sum()) == 0 for n in extra)
+    no_decay = {id(p) for p in param_groups(biased, 0.1)[1]["params"]}
+    assert all(id(biased.get_parameter(n)) in no_decay for n in extra)
 
 
 @pytest.mark.parametrize("kind", ["tfree", "classic"])

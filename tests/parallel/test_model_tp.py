@@ -106,3 +106,46 @@ def _check(rank, world, kind):
 @pytest.mark.parametrize("kind", ["tfree", "classic"])
 def test_tp2_equals_tp1(kind):
     assert run_distributed(_check, 2, args=(kind,)) == [True, True]
+
+
+def _fill_biases(model, tp, tp_rank):
+    """Give every bias a non-zero full value (seeded by its name); TP shards keep their part."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(".bias"):
+                continue
+            size = p.partition_full_size if getattr(p, "tensor_model_parallel", False) else p.shape[0]
+            g = torch.Generator().manual_seed(sum(map(ord, name)))
+            full = torch.randn(size, generator=g) * 0.1
+            if getattr(p, "tensor_model_parallel", False):
+                full = local_shard(full, 0, tp, tp_rank, p.partition_stride)
+            p.copy_(full)
+
+
+def _check_bias(rank, world):
+    cfg, batch = _cfg(mlp_factor=2.7, bias=True), _batch("tfree")
+    twin = GPTModel(cfg, "tfree", V, seed=11)
+    _fill_biases(twin, 1, 0)
+    t_logits, t_loss, t_dec = _run(twin, batch)
+    twin_params = dict(twin.named_parameters())
+    assert sorted(n for n in twin_params if n.endswith(".bias")) == sorted(
+        f"blocks.{i}.{m}.bias" for i in range(2) for m in ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.down"))
+
+    s = state.initialize(tp=world, pp=1)
+    model = GPTModel(cfg, "tfree", V, seed=11)
+    _fill_biases(model, s.tp, s.tp_rank)
+    logits, loss, dec = _run(model, batch)
+    assert_close(model.gather_logits(logits), t_logits)
+    assert_close(loss, t_loss)
+    assert_close(model.gather_logits(dec), t_dec[:, -1:], atol=1e-5, rtol=1e-4)
+    for name, p in model.named_parameters():
+        assert torch.equal(full_weight(p), twin_params[name].detach()), name
+        assert_close(full_weight(p, p.grad), twin_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert model.blocks[0].mlp.gate_up.bias.shape == (2 * (22 - rank),)  # split like the gate|up rows
+    assert model.blocks[0].attention.dense.bias.shape == (16,)  # replicated, added once after the reduction
+    return True
+
+
+@pytest.mark.distributed
+def test_tp2_with_biases_equals_tp1():
+    assert run_distributed(_check_bias, 2) == [True, True]
