@@ -82,6 +82,7 @@ setup(
     version="0.1.0",
     description="Distributed trainer for tokenizer-free (T-Free) and classic-tokenizer LLMs",
     packages=find_packages(include=["megatron_tfree", "megatron_tfree.*"]),
+    package_data={"megatron_tfree.hf": ["remote_code/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is deliberately not listed: install the build for your machine first.
@@ -105,6 +106,8 @@ setup(
             "megatron-tfree-generate=megatron_tfree.generate:main",
             "megatron-tfree-prepare=megatron_tfree.prepare:main",
             "megatron-tfree-prepare-data=megatron_tfree.data.convert:main",
+            "megatron-tfree-convert2hf=megatron_tfree.convert2hf:main",
+            "megatron-tfree-import=megatron_tfree.import_checkpoint:main",
         ],
     },
 )

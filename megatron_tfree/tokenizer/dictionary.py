@@ -376,6 +376,13 @@ class DecodeDictionary:
         return torch.log_softmax(means, dim=1)
 
     # ------------------------------------------------------------------ storage
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The patterns as CSR arrays over all words, in dictionary order: ``offsets [n + 1]`` (int64),
+        distinct ``ids`` (int32), ``edge`` flags (uint8), ``c [n]`` (int32), ``counts [n]`` (int64)."""
+        blk = self._merged()
+        return {"offsets": blk.offsets, "ids": blk.ids, "edge": blk.edge.astype(np.uint8), "c": blk.c,
+                "counts": blk.counts}
+
     @staticmethod
     def _paths(path: str | Path) -> tuple[Path, Path]:
         path = Path(path)
@@ -388,11 +395,9 @@ class DecodeDictionary:
 
         tensors_path, meta_path = self._paths(path)
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
-        blk = self._merged()
-        save_file({"offsets": blk.offsets, "ids": blk.ids, "edge": blk.edge.astype(np.uint8), "c": blk.c,
-                   "counts": blk.counts}, str(tensors_path))
+        save_file(self.arrays(), str(tensors_path))
         meta = {"format_version": FORMAT_VERSION, "vocab_size": self.vocab_size,
-                "vocab_population": self.vocab_population, "tokenizer": self.tokenizer_config, "words": blk.words}
+                "vocab_population": self.vocab_population, "tokenizer": self.tokenizer_config, "words": self.words}
         meta_path.write_text(json.dumps(meta, ensure_ascii=False))
         return tensors_path, meta_path
 
