@@ -189,9 +189,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded
-    for ov in overrides or []:
-        _apply_override(data, ov)
+    apply_overrides(data, overrides or [])
     return Config.from_dict(data, source=source)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a config dict (in place; also returned)."""
+    for ov in overrides:
+        _apply_override(data, ov)
+    return data
 
 
 def parse_value(text: str) -> Any:
