@@ -96,7 +96,8 @@ setup(
         "train": ["deepspeed==0.19.8", "tensorboard", "matplotlib"],
         "data": ["pyarrow"],
         "hf": ["transformers"],
-        "test": ["pytest", "hypothesis", "pyarrow", "tensorboard", "matplotlib", "transformers"],
+        "eval": ["lm-eval[hf]==0.4.13", "transformers"],
+        "test": ["pytest", "hypothesis", "pyarrow", "tensorboard", "matplotlib", "transformers", "lm-eval[hf]==0.4.13"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
@@ -108,6 +109,7 @@ setup(
             "megatron-tfree-prepare-data=megatron_tfree.data.convert:main",
             "megatron-tfree-convert2hf=megatron_tfree.convert2hf:main",
             "megatron-tfree-import=megatron_tfree.import_checkpoint:main",
+            "megatron-tfree-eval=megatron_tfree.eval:main",
         ],
     },
 )

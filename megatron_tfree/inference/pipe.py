@@ -97,9 +97,15 @@ class InferencePipe:
     @torch.no_grad()
     def logits(self, text: str) -> torch.Tensor:
         """Head outputs ``[n_units, v]`` (float32, CPU): row ``t`` predicts unit ``t + 1``."""
-        rows = self._unit_ids(self.units(text))
-        if not rows:
+        units = self.units(text)
+        if not units:
             raise ValueError("logits: the text has no units")
+        return self.unit_logits(units)
+
+    @torch.no_grad()
+    def unit_logits(self, units: Sequence[str]) -> torch.Tensor:
+        """Head outputs ``[len(units), v]`` (float32, CPU) of a unit sequence (one document, positions 0..)."""
+        rows = self._unit_ids(units)
         n = len(rows)
         out = self._forward([rows], np.arange(n, dtype=np.int64)[None], np.zeros((1, n), dtype=np.int64))
         return out[0].cpu()

@@ -426,9 +426,19 @@ class DecodeDictionary:
         n = len(meta["words"])
         if len(arrays["offsets"]) != n + 1 or len(arrays["c"]) != n or int(arrays["offsets"][-1]) != len(arrays["ids"]):
             raise ValueError(f"{tensors_path}: array sizes do not match the {n} words of {meta_path}")
-        blk = _Block(list(meta["words"]), arrays["counts"], arrays["offsets"], arrays["ids"],
-                     arrays["edge"].astype(bool), arrays["c"])
-        d = cls([blk], int(meta["vocab_size"]), int(meta["vocab_population"]), meta["tokenizer"])
+        return cls.from_arrays(meta["words"], arrays, int(meta["vocab_size"]), int(meta["vocab_population"]),
+                               meta["tokenizer"], tokenizer)
+
+    @classmethod
+    def from_arrays(cls, words: Sequence[str], arrays: Mapping[str, np.ndarray], vocab_size: int, vocab_population: int,
+                    tokenizer_config: dict[str, Any], tokenizer: Any = None) -> "DecodeDictionary":
+        """A dictionary from :meth:`arrays` (``counts`` optional) of ``words``; with ``tokenizer``, checked
+        and attached."""
+        n = len(words)
+        counts = np.asarray(arrays["counts"], np.int64) if "counts" in arrays else np.zeros(n, np.int64)
+        blk = _Block(list(words), counts, np.asarray(arrays["offsets"], np.int64), np.asarray(arrays["ids"], np.int32),
+                     np.asarray(arrays["edge"]).astype(bool), np.asarray(arrays["c"], np.int32))
+        d = cls([blk], vocab_size, vocab_population, tokenizer_config)
         if tokenizer is not None:
             d.attach(tokenizer)
         return d
