@@ -40,6 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from megatron_tfree.hf.export import export
+    from megatron_tfree.checkpoint.memory import return_freed_memory
+
+    return_freed_memory()  # large buffers go back to the OS when freed: memory stays about one tensor
 
     try:
         out = export(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,

@@ -50,6 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from megatron_tfree.config import ConfigError
     from megatron_tfree.hf.importing import detect, import_checkpoint
+    from megatron_tfree.checkpoint.memory import return_freed_memory
+
+    return_freed_memory()  # large buffers go back to the OS when freed: memory stays about one tensor
 
     try:
         kind = detect(args.src).kind

@@ -10,7 +10,8 @@ Layouts: DeepSpeed checkpoints of any (TP, PP, DP) and ZeRO 0-3 (:mod:`.deepspee
 layout-free directories (:mod:`.consolidated`). Pipeline layers are visited in order; for each, the
 TP ranks' shards of its tensors are read (memory-mapped) and merged
 (:func:`megatron_tfree.parallel.init.merge_shards`), then released, so the memory a caller needs
-beyond what it keeps is about one layer's tensors, not the model and its Adam moments. Tensors come in
+beyond what it keeps is about one tensor, not the model and its Adam moments (file pages are released
+once read, :mod:`.memory`). Tensors come in
 the dtype they were stored in (the training precision for ZeRO 0-2 weights, fp32 for ZeRO 3 and
 consolidated weights). Shapes are checked against the config's model: a mismatch names the tensor.
 """
@@ -28,7 +29,11 @@ from ..config import Config, load_config
 from .consolidated import ConsolidatedFiles, is_consolidated
 from .deepspeed_files import DeepSpeedFiles, Layout, is_deepspeed_dir
 from .files import CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, TrainerState, resolve_tag_dir
+from .memory import release_file_pages
 from .names import ParamSpec, param_specs, stage_index
+
+
+MERGE_CHUNK_BYTES = 4 << 20  # TP shards are merged (and their file pages released) in pieces of this size
 
 
 class CheckpointReader:
@@ -67,22 +72,35 @@ class CheckpointReader:
         return load_tokenizer(sub if sub.is_dir() else self.tag_dir)
 
     # ------------------------------------------------------------------ streaming
-    def layers(self, names: Optional[set[str]] = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """``(layer index, {full name: full tensor})`` per pipeline layer, in order (``names``: only those)."""
+    def _layer_specs(self, names: Optional[set[str]]) -> Iterator[tuple[int, list[ParamSpec]]]:
         L = self.cfg.model.num_layers
         wanted = [s for s in self.specs.values() if names is None or s.name in names]
         for index, group in groupby(wanted, key=lambda s: stage_index(s.name, L)):
-            specs = list(group)
+            yield index, list(group)
+
+    def tensors(self, names: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(full name, full tensor)`` in GPTModel ``state_dict`` order (``names``: only those). Each
+        layer's files are opened (memory-mapped) once; each tensor is merged from its TP shards when it
+        is asked for, so only one merged tensor exists at a time unless the caller keeps them."""
+        for index, specs in self._layer_specs(names):
             if self.consolidated:
-                full = {s.name: self._files.tensor(s.name) for s in specs}
+                shards = None
             else:
                 shards = [self._files.read([s.name for s in specs], t, index) for t in range(self.layout.tp)]
-                full = {s.name: self._merge(s, [shard[s.name] for shard in shards]) for s in specs}
             for s in specs:
-                if tuple(full[s.name].shape) != s.shape:
-                    raise ValueError(f"{self.tag_dir}: tensor {s.name!r} has shape {tuple(full[s.name].shape)}, the "
-                                     f"model of {CONFIG_FILE} needs {s.shape}")
-            yield index, full
+                full = self._files.tensor(s.name) if shards is None else self._merge(s, [sh[s.name] for sh in shards])
+                if tuple(full.shape) != s.shape:
+                    raise ValueError(f"{self.tag_dir}: tensor {s.name!r} has shape {tuple(full.shape)}, the model of "
+                                     f"{CONFIG_FILE} needs {s.shape}")
+                yield s.name, full
+                release_file_pages(full)  # the caller is done with it (a file view at TP=1; re-read if touched)
+            del shards
+
+    def layers(self, names: Optional[set[str]] = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(layer index, {full name: full tensor})`` per pipeline layer, in order (``names``: only those)."""
+        L = self.cfg.model.num_layers
+        for index, group in groupby(self.tensors(names), key=lambda item: stage_index(item[0], L)):
+            yield index, dict(group)
 
     def _merge(self, spec: ParamSpec, shards: list[torch.Tensor]) -> torch.Tensor:
         from ..parallel.init import merge_shards
@@ -90,14 +108,10 @@ class CheckpointReader:
         if spec.partition_dim is None or len(shards) == 1:
             return shards[0]
         try:
-            return merge_shards(shards, spec.partition_dim, spec.stride)
+            return merge_shards(shards, spec.partition_dim, spec.stride, chunk_bytes=MERGE_CHUNK_BYTES,
+                                after_chunk=release_file_pages)
         except ValueError as e:
             raise ValueError(f"{self.tag_dir}: tensor {spec.name!r}: {e}") from None
-
-    def tensors(self, names: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(full name, full tensor)`` in GPTModel ``state_dict`` order, one layer read at a time."""
-        for _, full in self.layers(names):
-            yield from full.items()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every full tensor at once (small models, tests)."""

@@ -18,7 +18,7 @@ names back. Both are exact (pure re-indexing), so conversions round-trip bit for
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -51,31 +51,35 @@ def halves_to_interleaved(t: torch.Tensor, heads: int, d: int) -> torch.Tensor:
     return t.reshape(heads, 2, d // 2, *rest).transpose(1, 2).reshape(heads * d, *rest)
 
 
-def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-    """The Llama tensors of our full tensor ``name``."""
+def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The Llama tensors of our full tensor ``name``, made one at a time (an exporter writes each before
+    the next exists: at most one re-ordered copy beside ``tensor``)."""
     if name in _TOP:
-        return [(_TOP[name], tensor)]
+        yield _TOP[name], tensor
+        return
     m = _BLOCK.fullmatch(name)
     if m is None:
         raise ValueError(f"{name!r} is not a parameter of this model")
     i, rest = m.groups()
     prefix = f"model.layers.{i}."
     if rest in _SIMPLE:
-        return [(prefix + _SIMPLE[rest], tensor)]
+        yield prefix + _SIMPLE[rest], tensor
+        return
     kind = rest.rsplit(".", 1)[1]  # weight / bias
     if rest.startswith("attention.qkv."):
         heads, kv, d = _dims(cfg)
         g = heads // kv
-        grouped = tensor.reshape(kv, g + 2, d, *tensor.shape[1:])
-        q = grouped[:, :g].reshape(heads * d, *tensor.shape[1:])
-        k = grouped[:, g].reshape(kv * d, *tensor.shape[1:])
-        v = grouped[:, g + 1].reshape(kv * d, *tensor.shape[1:])
-        return [(f"{prefix}self_attn.q_proj.{kind}", interleaved_to_halves(q, heads, d)),
-                (f"{prefix}self_attn.k_proj.{kind}", interleaved_to_halves(k, kv, d)),
-                (f"{prefix}self_attn.v_proj.{kind}", v.contiguous())]
+        trailing = tensor.shape[1:]
+        grouped = tensor.reshape(kv, g + 2, d, *trailing)
+        yield f"{prefix}self_attn.q_proj.{kind}", interleaved_to_halves(grouped[:, :g].reshape(heads * d, *trailing), heads, d)
+        yield f"{prefix}self_attn.k_proj.{kind}", interleaved_to_halves(grouped[:, g].reshape(kv * d, *trailing), kv, d)
+        yield f"{prefix}self_attn.v_proj.{kind}", grouped[:, g + 1].reshape(kv * d, *trailing).contiguous()
+        return
     if rest.startswith("mlp.gate_up."):
-        gate, up = tensor.chunk(2, dim=0)
-        return [(f"{prefix}mlp.gate_proj.{kind}", gate.contiguous()), (f"{prefix}mlp.up_proj.{kind}", up.contiguous())]
+        gate, up = tensor.chunk(2, dim=0)  # row blocks of a contiguous tensor: views, no copy
+        yield f"{prefix}mlp.gate_proj.{kind}", gate.contiguous()
+        yield f"{prefix}mlp.up_proj.{kind}", up.contiguous()
+        return
     raise ValueError(f"{name!r} is not a parameter of this model")
 
 

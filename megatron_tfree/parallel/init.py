@@ -142,10 +142,13 @@ def _unshuffle(concatenated: torch.Tensor, dim: int, size: int, tp: int, stride:
     return torch.empty_like(concatenated).index_copy_(dim, order, concatenated)
 
 
-def merge_shards(shards: list[torch.Tensor], partition_dim: int, stride: int = 1) -> torch.Tensor:
+def merge_shards(shards: list[torch.Tensor], partition_dim: int, stride: int = 1, chunk_bytes: int = 0,
+                 after_chunk: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor:
     """The full tensor from the shards of TP ranks ``0 .. len(shards) - 1`` (in rank order; uneven and
     strided shards put back in place): the local counterpart of :func:`gather_shards`, for shards read
-    from files. The inverse of :func:`local_shard`."""
+    from files. The inverse of :func:`local_shard`. The shards are copied in pieces of about
+    ``chunk_bytes`` (0: whole shards), each passed to ``after_chunk`` once copied (a reader releases
+    memory-mapped pages there)."""
     if len(shards) == 1:
         return shards[0]
     tp = len(shards)
@@ -154,7 +157,24 @@ def merge_shards(shards: list[torch.Tensor], partition_dim: int, stride: int = 1
         if s.shape[partition_dim] != shard_size(size, tp, r, stride):
             raise ValueError(f"TP shard {r} has {s.shape[partition_dim]} entries along dim {partition_dim}, expected "
                              f"{shard_size(size, tp, r, stride)} of {size} (stride {stride})")
-    return _unshuffle(torch.cat(shards, dim=partition_dim), partition_dim, size, tp, stride)
+    shape = list(shards[0].shape)
+    shape[partition_dim] = size
+    full = torch.empty(shape, dtype=shards[0].dtype)  # filled piece by piece: no concatenated copy
+    for r, s in enumerate(shards):
+        index = shard_indices(size, tp, r, stride)
+        rows = s.shape[0]
+        row_bytes = max(1, s[0].numel() * s.element_size()) if rows else 1
+        step = max(1, chunk_bytes // row_bytes) if chunk_bytes else max(rows, 1)
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            piece = s.narrow(0, start, n)
+            if partition_dim == 0:
+                full.index_copy_(0, index[start:start + n], piece)
+            else:
+                full.narrow(0, start, n).index_copy_(partition_dim, index, piece)
+            if after_chunk is not None:
+                after_chunk(piece)
+    return full
 
 
 def full_weight(param: torch.Tensor, tensor: torch.Tensor | None = None) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_cli_parses_overrides_and_launcher_local_rank():
 # --------------------------------------------------------------------------------------------------
 
 
-def _launch(cmd, cfg, tmp_path):
+def _launch(cmd, cfg, tmp_path, dp=2):
     path = tmp_path / "cfg.yaml"
     cfg.save(path)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -145,9 +145,10 @@ def _launch(cmd, cfg, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = read_metrics(Path(cfg.training.save_dir) / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert records[-1]["consumed_samples"] == 3 * 2 * 2  # micro 2 x 2 data-parallel ranks
+    assert records[-1]["consumed_samples"] == 3 * 2 * dp  # micro 2 x data-parallel ranks
     assert (Path(cfg.training.save_dir) / "latest").read_text().strip() == "step_3"
     assert (Path(cfg.training.save_dir) / "step_3" / "rng_state_rank1.json").is_file()
+    return proc
 
 
 @pytest.mark.slow
@@ -157,6 +158,19 @@ def test_torchrun_two_processes(tiny_cfg, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     _launch([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
              str(free_port()), "-m", "megatron_tfree.train"], cfg, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_tensor_parallel_ends_with_a_sample(tiny_cfg, tmp_path):
+    """A TP=2 run ends with the generation from its own (TP-sharded) checkpoint, read directly."""
+    cfg = tiny_cfg("torchrun-tp2", training={"train_iterations": 3, "sample_prompt": "The king", "sample_words": 5},
+                   parallel={"tensor": 2})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = _launch([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                    str(free_port()), "-m", "megatron_tfree.train"], cfg, tmp_path, dp=1)
+    assert "sample (greedy, 5 words) from 'The king':" in proc.stdout and "Traceback" not in proc.stderr
+    assert (Path(cfg.training.save_dir) / "step_3" / "mp_rank_01_model_states.pt").is_file()
 
 
 @pytest.mark.slow
