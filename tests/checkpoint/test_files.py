@@ -88,3 +88,17 @@ def test_param_specs_follow_the_model():
         assert name.startswith(stage_prefix(stage_index(name, 3), 3) + ".")
     with pytest.raises(ValueError, match="not a parameter name"):
         stage_index("blocks.3.x", 3)
+
+
+def test_release_file_pages_only_touches_file_mappings(tmp_path):
+    import sys
+
+    from megatron_tfree.checkpoint.memory import release_file_pages
+
+    anon = torch.arange(1 << 20, dtype=torch.float32)
+    assert release_file_pages(anon) is False and torch.equal(anon, torch.arange(1 << 20, dtype=torch.float32))
+    torch.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, tmp_path / "w.pt")
+    mapped = torch.load(tmp_path / "w.pt", mmap=True, weights_only=True)["w"]
+    assert float(mapped.sum()) == float(anon.sum())  # pages read
+    assert release_file_pages(mapped) is sys.platform.startswith("linux")
+    assert torch.equal(mapped, anon)  # still valid: dropped pages are read again from the file
