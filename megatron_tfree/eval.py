@@ -15,8 +15,10 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import megatron_tfree.hf.lm_eval_model  # noqa: F401  (registers the "tfree" model)
+    import lm_eval.models  # noqa: F401  (lm-eval's own models: hf, ...)
     from lm_eval.__main__ import cli_evaluate
+
+    import megatron_tfree.hf.lm_eval_model  # noqa: F401  (registers the "tfree" model)
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

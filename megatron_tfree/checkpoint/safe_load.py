@@ -17,6 +17,7 @@ import torch
 
 def deepspeed_safe_globals() -> list[Any]:
     """The DeepSpeed classes its checkpoint files pickle (empty without DeepSpeed installed)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # no guessing warning
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum

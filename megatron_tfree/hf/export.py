@@ -104,5 +104,5 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "
         reader.cfg.save(tmp / TRAINING_CONFIG_FILE)
         from .model_card import write_model_card
 
-        write_model_card(tmp, reader, target, dtype, sum(e.nbytes for e in entries), len(names))
+        write_model_card(tmp, reader, target, dtype, sum(e.nbytes for e in entries), len(names), str(out))
     return Path(out)

@@ -86,7 +86,7 @@ class ExportBackend:
     @torch.no_grad()
     def unit_logits(self, units: list[str]) -> torch.Tensor:
         ids = torch.as_tensor([self.hf_tokenizer.convert_tokens_to_ids(units)], device=self.device)
-        return self.model(input_ids=ids).trigram_logits[0].float().cpu()
+        return self.model(input_ids=ids, word_logits=False).trigram_logits[0].float().cpu()
 
     @torch.no_grad()
     def generate(self, contexts: list[str], max_words: int, temperature: float, seed: Optional[int]) -> list[str]:
@@ -121,15 +121,23 @@ class TFreeLM(LM):
     """See the module docstring. ``pretrained``: a native checkpoint or an HF export of a T-Free model;
     ``max_length``: words per forward (default: the training sequence length)."""
 
-    def __init__(self, pretrained: str, device: str = "cpu", max_length: Optional[int] = None, batch_size: int = 1,
-                 **kwargs: Any):
+    def __init__(self, pretrained: str, device: Optional[str] = None, max_length: Optional[int] = None,
+                 batch_size: int = 1, **kwargs: Any):
         super().__init__()
+        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
         self.backend = load_backend(str(pretrained), device)
         self.max_length = int(max_length or self.backend.max_length)
         self.batch_size = int(batch_size)
         self.eot = self.backend.tokenizer.end_of_text
 
     # ------------------------------------------------------------------ scoring
+    def _extended(self, words: tuple[str, ...]) -> DecodeDictionary:
+        """The dictionary plus ``words`` (the last one kept: the choices of a question come in a row)."""
+        if getattr(self, "_last", (None,))[0] != words:
+            self._last = (words, self.backend.dictionary.add_words(list(words)))
+        return self._last[1]
+
     def units(self, text: str) -> list[str]:
         return self.backend.tokenizer.encode(text).units
 
@@ -140,7 +148,7 @@ class TFreeLM(LM):
         seq = [self.eot] + context + targets[:-1]
         seq = seq[-self.max_length:]
         logits = self.backend.unit_logits(seq)[-len(targets):]
-        ext = self.backend.dictionary.add_words(list(dict.fromkeys([*extra_words, *targets])))
+        ext = self._extended(tuple(dict.fromkeys([*extra_words, *targets])))
         logp = ext.likelihood_log_probs(logits, self.backend.pos_weight)
         index = torch.as_tensor([ext.index_of(w) for w in targets])
         picked = logp.gather(1, index[:, None])[:, 0]

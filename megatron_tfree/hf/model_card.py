@@ -36,9 +36,10 @@ def _training(reader: CheckpointReader) -> str:
 
 
 def write_model_card(directory: Path, reader: CheckpointReader, target: Any, dtype: str, nbytes: int,
-                     shards: int) -> Path:
+                     shards: int, out: str) -> Path:
     m = reader.cfg.model
     card = target.card()
+    card["usage"] = card["usage"].replace("```python\n", f"```python\npath = {out!r}  # this folder\n", 1)
     counts = parameter_counts(reader)
     text = f"""---
 library_name: transformers

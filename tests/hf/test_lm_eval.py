@@ -168,7 +168,7 @@ def test_registered_and_the_cli_runs(runs, tasks, capsys):
     from megatron_tfree import eval as eval_cli
     from megatron_tfree.hf.lm_eval_model import TFreeLM
 
-    assert get_model("tfree") is TFreeLM
     with pytest.raises(SystemExit) as exit_info:
         eval_cli.main(["run", "--help"])
     assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
+    assert get_model("tfree") is TFreeLM and get_model("hf").__name__ == "HFLM"  # ours beside lm-eval's own

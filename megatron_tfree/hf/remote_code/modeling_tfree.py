@@ -199,10 +199,11 @@ class TFreeForCausalLM(TFreePreTrainedModel, GenerationMixin):
                 position_ids: Optional[torch.LongTensor] = None, past_key_values=None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None, logits_to_keep: int = 0, edge_weight: Optional[float] = None,
-                more_words=None, extra_words_present: Optional[torch.Tensor] = None, **kwargs) -> TFreeCausalLMOutput:
-        """``logits`` (word scores, see the module docstring) and ``trigram_logits``; ``labels`` (word ids,
-        -100 ignored) give ``loss``: the cross-entropy of the scaled scores (an evaluation figure; the
-        model was trained with the trigram BCE)."""
+                more_words=None, extra_words_present: Optional[torch.Tensor] = None, word_logits: bool = True,
+                **kwargs) -> TFreeCausalLMOutput:
+        """``logits`` (word scores, see the module docstring; not computed with ``word_logits=False``) and
+        ``trigram_logits``; ``labels`` (word ids, -100 ignored) give ``loss``: the cross-entropy of the
+        scaled scores (an evaluation figure; the model was trained with the trigram BCE)."""
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         if inputs_embeds is None:
             if input_ids is None:
@@ -214,6 +215,8 @@ class TFreeForCausalLM(TFreePreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         trigram_logits = self.lm_head(hidden).float()
+        if not word_logits:
+            return TFreeCausalLMOutput(trigram_logits=trigram_logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD, None)})
         if extra_words_present is None:
             ids = input_ids if input_ids is not None else torch.zeros(hidden.shape[0], 0, dtype=torch.long)
             extra_words_present = self.words.present_extra(ids, more_words)
