@@ -39,19 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_tfree.hf.export import export
     from megatron_tfree.checkpoint.memory import return_freed_memory
+    from megatron_tfree.cli import run_tool
+    from megatron_tfree.hf.export import export
 
     return_freed_memory()  # large buffers go back to the OS when freed: memory stays about one tensor
-
-    try:
-        out = export(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
-                     progress=True, reduce_to=args.reduce_to, word_counts=args.word_counts, logit_scale=args.logit_scale)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"convert2hf: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_tool("convert2hf", lambda: "wrote " + str(export(
+        args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
+        progress=True, reduce_to=args.reduce_to, word_counts=args.word_counts, logit_scale=args.logit_scale)))
 
 
 if __name__ == "__main__":

@@ -19,15 +19,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-
-def _layout(text: str) -> tuple[int, int, int]:
-    try:
-        tp, pp, dp = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layout expects TP,PP,DP (three integers), got {text!r}") from None
-    if min(tp, pp, dp) < 1:
-        raise argparse.ArgumentTypeError(f"--layout sizes must be >= 1, got {text!r}")
-    return tp, pp, dp
+from megatron_tfree.cli import layout_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a Hugging Face Llama folder or a T-Free reference checkpoint")
     p.add_argument("out", help="the checkpoint directory to write (atomically)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="changes to the imported config")
-    p.add_argument("--layout", type=_layout, default=None, metavar="TP,PP,DP",
+    p.add_argument("--layout", type=layout_arg, default=None, metavar="TP,PP,DP",
                    help="write a DeepSpeed checkpoint of this layout instead of a layout-free one")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage for --layout")
     p.add_argument("--word-counts", default=None, help="word counts (JSON or TSV) for the T-Free decode dictionary")
@@ -48,21 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_tfree.config import ConfigError
-    from megatron_tfree.hf.importing import detect, import_checkpoint
     from megatron_tfree.checkpoint.memory import return_freed_memory
+    from megatron_tfree.cli import run_tool
+    from megatron_tfree.hf.importing import detect, import_checkpoint
 
     return_freed_memory()  # large buffers go back to the OS when freed: memory stays about one tensor
 
-    try:
+    def body() -> str:
         kind = detect(args.src).kind
         out = import_checkpoint(args.src, args.out, layout=args.layout, zero_stage=args.zero_stage, force=args.force,
                                 overrides=args.overrides, word_counts=args.word_counts, progress=True)
-    except (FileExistsError, FileNotFoundError, ValueError, ConfigError) as e:
-        print(f"import_checkpoint: error: {e}", file=sys.stderr)
-        return 2
-    print(f"imported {kind} checkpoint {args.src} -> {out}")
-    return 0
+        return f"imported {kind} checkpoint {args.src} -> {out}"
+
+    return run_tool("import_checkpoint", body)
 
 
 if __name__ == "__main__":

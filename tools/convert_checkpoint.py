@@ -16,15 +16,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-
-def _layout(text: str) -> tuple[int, int, int]:
-    try:
-        tp, pp, dp = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layout expects TP,PP,DP (three integers), got {text!r}") from None
-    if min(tp, pp, dp) < 1:
-        raise argparse.ArgumentTypeError(f"--layout sizes must be >= 1, got {text!r}")
-    return tp, pp, dp
+from megatron_tfree.cli import layout_arg, run_tool
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("out", help="output directory (written atomically; must not exist unless --overwrite)")
     parser.add_argument("--to-deepspeed", action="store_true",
                         help="consolidated -> DeepSpeed run dir (latest + step_N) at --layout")
-    parser.add_argument("--layout", type=_layout, default=(1, 1, 1), metavar="TP,PP,DP",
+    parser.add_argument("--layout", type=layout_arg, default=(1, 1, 1), metavar="TP,PP,DP",
                         help="target layout for --to-deepspeed (default 1,1,1)")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                         help="ZeRO stage for --to-deepspeed (default: the checkpoint config's parallel.zero_stage)")
@@ -45,19 +37,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from megatron_tfree.training import consolidate
 
-    try:
+    def body() -> str:
         if args.to_deepspeed:
             tp, pp, dp = args.layout
             tag_dir = consolidate.to_deepspeed(args.src, args.out, tensor=tp, pipe=pp, data=dp,
                                                zero_stage=args.zero_stage, overwrite=args.overwrite)
-            print(f"wrote DeepSpeed checkpoint {tag_dir} (TP={tp}, PP={pp}, DP={dp})")
-        else:
-            out = consolidate.to_consolidated(args.src, args.out, overwrite=args.overwrite)
-            print(f"wrote consolidated checkpoint {out}")
-    except (FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as e:
-        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            return f"wrote DeepSpeed checkpoint {tag_dir} (TP={tp}, PP={pp}, DP={dp})"
+        return f"wrote consolidated checkpoint {consolidate.to_consolidated(args.src, args.out, overwrite=args.overwrite)}"
+
+    return run_tool("convert_checkpoint.py", body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""What the conversion entry points share: a layout argument and one-line errors for expected failures.
+
+    p.add_argument("--layout", type=layout_arg, metavar="TP,PP,DP")
+    return run_tool("convert2hf", lambda: f"wrote {export(...)}")   # prints the message, or one error line
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+def layout_arg(text: str) -> tuple[int, int, int]:
+    """argparse type of ``TP,PP,DP``."""
+    try:
+        tp, pp, dp = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layout expects TP,PP,DP (three integers), got {text!r}") from None
+    if min(tp, pp, dp) < 1:
+        raise argparse.ArgumentTypeError(f"--layout sizes must be >= 1, got {text!r}")
+    return tp, pp, dp
+
+
+def run_tool(prog: str, body: Callable[[], str]) -> int:
+    """Run ``body``; print what it returns (exit code 0), or for an expected problem (a missing or existing
+    path, a bad value or config, an unsupported case) one line ``prog: error: ...`` on stderr (code 2)."""
+    from megatron_tfree.config import ConfigError
+
+    try:
+        message = body()
+    except (FileExistsError, FileNotFoundError, ValueError, NotImplementedError, ConfigError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
