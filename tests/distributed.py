@@ -22,3 +22,11 @@ def run_distributed(fn: Callable, world: int, args: Sequence[Any] = (), timeout:
         return run_ranks(fn, world, args, timeout=timeout, threads=1, what="distributed worker")
     except RuntimeError as e:
         raise AssertionError(str(e)) from None
+
+
+def train_rank(rank: int, world: int, cfg: Any) -> bool:
+    """A rank body that trains ``cfg`` (module-level here, so spawned workers can import it)."""
+    from megatron_tfree.training.loop import train
+
+    train(cfg)
+    return True

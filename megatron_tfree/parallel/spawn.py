@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import gc
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
@@ -76,9 +78,20 @@ def run_ranks(fn: Callable, world: int, args: Sequence[Any] = (), timeout: float
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, ok, value = queue.get(timeout=timeout)
+        while len(results) < world:
+            try:
+                rank, ok, value = queue.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+                if dead:  # died without reporting (killed, or could not even start): do not wait for the timeout
+                    raise RuntimeError(f"{what}: rank {dead[0]} of {world} exited with code {procs[dead[0]].exitcode} "
+                                       f"without a result (see its output above)") from None
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"{what}: no result from ranks {sorted(set(range(world)) - set(results))} "
+                                       f"within {timeout:.0f} s") from None
+                continue
             if not ok:
                 raise RuntimeError(f"{what}: rank {rank} of {world} failed:\n{value}")
             results[rank] = value

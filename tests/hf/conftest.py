@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from distributed import run_distributed
+from distributed import run_distributed, train_rank
 
 MODEL = {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2, "mlp_factor": 2.7,
          "attention": "sdpa"}
-
-
-def _train(rank, world, cfg):
-    from megatron_tfree.training.loop import train
-
-    train(cfg)
-    return True
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +30,9 @@ def hf_checkpoints(cfg_factory, tmp_path_factory):
                                         "eval_iterations": 0},
                               parallel={"tensor": tp, "pipe": pp})
             if tp * pp == 1:
-                _train(0, 1, cfg)
-            else:
-                run_distributed(_train, world=tp * pp, args=(cfg,), timeout=240)
+                train_rank(0, 1, cfg)
+            else:  # a conftest function could not be pickled into the workers: conftest names collide
+                run_distributed(train_rank, world=tp * pp, args=(cfg,), timeout=240)
             made[key] = Path(cfg.training.save_dir)
         return made[key]
 
