@@ -14,8 +14,10 @@ Files (``N = max_bytes``), next to the MemoryMap:
 * ``{prefix}.aligned_{N}.idx``: uint64. ``item_count + 1`` item starts (segment numbers; item ``i`` is
   segments ``[starts[i], starts[i+1])``), then ``segment_count`` triples ``(document, offset in
   document, length)``.
-* ``{prefix}.aligned_{N}.meta.json``: counts, ``max_bytes`` and the size of the source MemoryMap
-  (a stale index is refused). Written last, via temp names and renames, like the MemoryMap.
+* ``{prefix}.aligned_{N}.meta.json``: counts, ``max_bytes``, the size and the fingerprint of the source
+  MemoryMap (:attr:`MemoryMap.fingerprint`: index, data size and time, sampled data blocks), so an index
+  built for other contents is refused as stale (``ensure_aligned_index`` rebuilds it, and the unit-count
+  cache keyed on this file follows). Written last, via temp names and renames, like the MemoryMap.
 
 Unlike the reference implementation this keeps the last item, finds an item in O(1) and tells for
 each segment whether it reaches the real end of its document (``ends_document``): the dataset
@@ -140,6 +142,7 @@ def build_aligned_index(prefix: PathLike, max_bytes: int, overwrite: bool = Fals
         "segment_count": len(segs),
         "source_document_count": len(mm),
         "source_total_size": mm.total_size,
+        "source_fingerprint": mm.fingerprint,
     }
     tag = f".tmp{os.getpid()}"
     tmp_idx, tmp_meta = Path(str(idx_path) + tag), Path(str(meta_path) + tag)
@@ -193,13 +196,13 @@ class AlignedMemoryMap:
         self.max_bytes = int(max_bytes)
         self._open(memory_map)
 
-    def _open(self, memory_map: MemoryMap | None = None) -> None:
+    def _open(self, memory_map: MemoryMap | None = None, check_source: bool = True) -> None:
         self.path_idx, self.path_meta = aligned_index_paths(self.prefix, self.max_bytes)
         for path in (self.path_meta, self.path_idx):
             if not path.is_file():
                 raise FileNotFoundError(f"aligned index file not found: {path} (build it with build_aligned_index "
                                         f"or tools/align_data.py)")
-        mm = memory_map if memory_map is not None else MemoryMap(self.prefix)
+        mm = memory_map if memory_map is not None else MemoryMap(self.prefix, validate=check_source)
         try:
             meta = json.loads(self.path_meta.read_text(encoding="utf-8"))
             n, s = int(meta["item_count"]), int(meta["segment_count"])
@@ -214,6 +217,10 @@ class AlignedMemoryMap:
                 f"{meta.get('source_total_size')} bytes, but {self.prefix} has {len(mm)} / {mm.total_size}; "
                 f"stale index, rebuild with overwrite=True"
             )
+        if check_source and meta.get("source_fingerprint") != mm.fingerprint:
+            raise AlignedIndexError(f"{self.path_meta}: built for other contents of {self.prefix} (the MemoryMap was "
+                                    f"re-converted since: fingerprint {meta.get('source_fingerprint')} != "
+                                    f"{mm.fingerprint}); stale index, rebuild with overwrite=True")
         want = (n + 1 + 3 * s) * 8
         got = self.path_idx.stat().st_size
         if got != want:
@@ -227,9 +234,9 @@ class AlignedMemoryMap:
     def __getstate__(self) -> dict:
         return {"prefix": str(self.prefix), "max_bytes": self.max_bytes}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict) -> None:  # a DataLoader worker: checked when the parent opened it
         self.prefix, self.max_bytes = Path(state["prefix"]), state["max_bytes"]
-        self._open()
+        self._open(check_source=False)
 
     def __len__(self) -> int:
         return self.item_count

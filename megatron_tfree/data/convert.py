@@ -61,6 +61,7 @@ class ConversionSummary:
     bytes_written: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     examples: list[str] = field(default_factory=list)  # "file:line: reason (detail)", first few
+    repaired: Counter = field(default_factory=Counter)  # reason -> documents written after a repair
 
     @property
     def total_skipped(self) -> int:
@@ -77,6 +78,7 @@ class ConversionSummary:
         lines = [f"wrote {self.documents_written} documents ({self.bytes_written} bytes) from "
                  f"{self.files} files to {self.output}", f"skipped {self.total_skipped} records"]
         lines += [f"  {reason}: {n}" for reason, n in sorted(self.skipped.items())]
+        lines += [f"repaired and kept {n} documents: {reason}" for reason, n in sorted(self.repaired.items())]
         if self.examples:
             lines.append("first skipped:")
             lines += [f"  {e}" for e in self.examples]
@@ -109,12 +111,15 @@ def _open_binary(path: Path):
 Record = tuple[str, Optional[str], Optional[str], str, int]
 
 
-def _decode(raw: bytes, path: Path, first_line: int) -> tuple[Optional[str], str, str]:
-    """``(text, where, detail)``; text is None for invalid UTF-8 and where points at the bad line."""
+def _decode(raw: bytes, path: Path, first_line: int, invalid_utf8: str = "skip") -> tuple[Optional[str], str, str]:
+    """``(text, where, detail)``; text is None for invalid UTF-8 (``invalid_utf8="skip"``) and where points at
+    the bad line; with ``"replace"`` the bad bytes become U+FFFD and detail starts with ``replaced``."""
     try:
         return raw.decode("utf-8"), f"{path}:{first_line}", ""
     except UnicodeDecodeError as e:
         line = first_line + raw[: e.start].count(b"\n")
+        if invalid_utf8 == "replace":
+            return raw.decode("utf-8", errors="replace"), f"{path}:{line}", f"replaced invalid UTF-8 (byte 0x{raw[e.start]:02x})"
         return None, f"{path}:{line}", f"byte 0x{raw[e.start]:02x}"
 
 
@@ -122,14 +127,14 @@ def _strip_eol(raw: bytes) -> bytes:
     return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
 
 
-def _read_text(path: Path, split: str) -> Iterator[Record]:
+def _read_text(path: Path, split: str, invalid_utf8: str = "skip") -> Iterator[Record]:
     """Plain text: the whole file, each line, or each blank-line separated paragraph."""
     if split == "file":
         with _open_binary(path) as f:
             raw = f.read()
         if raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
-        text, where, detail = _decode(raw, path, 1)
+        text, where, detail = _decode(raw, path, 1, invalid_utf8)
         yield (where, text, None if text is not None else "invalid_utf8", detail, len(raw))
         return
     para: list[bytes] = []
@@ -137,7 +142,7 @@ def _read_text(path: Path, split: str) -> Iterator[Record]:
 
     def flush() -> Iterator[Record]:
         raw = _strip_eol(b"".join(para))
-        text, where, detail = _decode(raw, path, para_line)
+        text, where, detail = _decode(raw, path, para_line, invalid_utf8)
         yield (where, text, None if text is not None else "invalid_utf8", detail, 0)
 
     with _open_binary(path) as f:
@@ -147,7 +152,7 @@ def _read_text(path: Path, split: str) -> Iterator[Record]:
                 if blank:
                     yield (f"{path}:{lineno}", None, "blank_line", "", len(raw))
                     continue
-                text, where, detail = _decode(_strip_eol(raw), path, lineno)
+                text, where, detail = _decode(_strip_eol(raw), path, lineno, invalid_utf8)
                 yield (where, text, None if text is not None else "invalid_utf8", detail, len(raw))
             elif blank:
                 if para:
@@ -232,12 +237,13 @@ def _read_json_text(path: Path, key: str) -> Iterator[Record]:
             yield where, text, reason, detail, nbytes
 
 
-def _read_parquet(path: Path, key: str) -> Iterator[Record]:
+def _read_parquet(path: Path, key: str, invalid_utf8: str = "skip") -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     if key not in pf.schema_arrow.names:
-        yield (f"{path}:1", None, "missing_key", f"no column {key!r} in {pf.metadata.num_rows} rows", 0)
+        yield (f"{path}:1", None, "missing_key", f"no column {key!r} in {pf.metadata.num_rows} rows (columns: "
+               f"{', '.join(pf.schema_arrow.names)})", 0)
         return
     row = 0
     for batch in pf.iter_batches(columns=[key], batch_size=4096):
@@ -245,7 +251,7 @@ def _read_parquet(path: Path, key: str) -> Iterator[Record]:
             row += 1
             where = f"{path}:{row}"
             if isinstance(value, (bytes, bytearray)):
-                text, where, detail = _decode(bytes(value), path, row)
+                text, where, detail = _decode(bytes(value), path, row, invalid_utf8)
                 yield where, text, None if text is not None else "invalid_utf8", detail, 0
             elif isinstance(value, str):
                 yield where, value, None, "", 0
@@ -253,13 +259,13 @@ def _read_parquet(path: Path, key: str) -> Iterator[Record]:
                 yield where, None, "not_a_string", f"{key!r} is {type(value).__name__}", 0
 
 
-def _text_records(path: Path, text_key: str, split: str) -> Iterator[Record]:
+def _text_records(path: Path, text_key: str, split: str, invalid_utf8: str = "skip") -> Iterator[Record]:
     name = path.name
     if name.endswith(".parquet"):
-        return _read_parquet(path, text_key)
+        return _read_parquet(path, text_key, invalid_utf8)
     if name.endswith((".jsonl", ".jsonl.gz", ".json")):
         return _read_json_text(path, text_key)
-    return _read_text(path, split)
+    return _read_text(path, split, invalid_utf8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +293,10 @@ def _convert(files: list[Path], prefix: PathLike, records, overwrite: bool, prog
                     if text == "":
                         summary.skip("empty_document", where)
                         continue
+                    if detail.startswith("replaced"):
+                        summary.repaired["invalid_utf8_replaced"] += 1
+                        if len(summary.examples) < MAX_EXAMPLES:
+                            summary.examples.append(f"{where}: {detail}")
                     try:
                         data = text.encode("utf-8")
                     except UnicodeEncodeError as e:  # lone surrogates from JSON "\ud800" escapes
@@ -299,11 +309,13 @@ def _convert(files: list[Path], prefix: PathLike, records, overwrite: bool, prog
                 summary.skip("unreadable_file", str(path), f"{type(e).__name__}: {e}")
             bar.update(size - done)
             bar.set_postfix(docs=summary.documents_written, skipped=summary.total_skipped, refresh=False)
+        if summary.documents_written == 0:
+            builder.abort()  # an empty map would look complete and block the corrected re-run
     return summary
 
 
 def convert_text_files(inputs: Sequence[PathLike], prefix: PathLike, text_key: str = "text", split: str = "file",
-                       overwrite: bool = False, progress: bool = True) -> ConversionSummary:
+                       overwrite: bool = False, progress: bool = True, invalid_utf8: str = "skip") -> ConversionSummary:
     """Convert text/JSONL/JSON/Parquet files or directories (recursively) into a UTF-8 MemoryMap.
 
     Args:
@@ -315,11 +327,17 @@ def convert_text_files(inputs: Sequence[PathLike], prefix: PathLike, text_key: s
             ``"blank_lines"`` (paragraphs).
         overwrite: replace an existing MemoryMap at ``prefix``.
         progress: show a tqdm progress bar.
+        invalid_utf8: plain text and Parquet bytes: ``"skip"`` a document with invalid UTF-8 (counted), or
+            ``"replace"`` the bad bytes with U+FFFD and keep it (counted as repaired).
+
+    A conversion that writes no document leaves nothing behind (an empty map would block the re-run).
     """
     if split not in SPLIT_MODES:
         raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+    if invalid_utf8 not in ("skip", "replace"):
+        raise ValueError(f"invalid_utf8 must be 'skip' or 'replace', got {invalid_utf8!r}")
     files = find_input_files(inputs, TEXT_SUFFIXES)
-    return _convert(files, prefix, lambda p: _text_records(p, text_key, split), overwrite, progress)
+    return _convert(files, prefix, lambda p: _text_records(p, text_key, split, invalid_utf8), overwrite, progress)
 
 
 def align_memory_map(prefix: PathLike, max_bytes: int = 20000, overwrite: bool = False,
@@ -368,6 +386,9 @@ def add_text_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     mode.add_argument("--split-lines", action="store_true", help="plain text: one document per line")
     mode.add_argument("--split-blank-lines", action="store_true", help="plain text: documents separated by blank lines")
     p.add_argument("--align-max-bytes", type=int, default=0, help="also build the aligned index for this max_bytes")
+    p.add_argument("--invalid-utf8", choices=("skip", "replace"), default="skip",
+                   help="a document with invalid UTF-8 (plain text, Parquet bytes): skip it (default) or replace the "
+                        "bad bytes with U+FFFD and keep it; counted either way")
     _common(p)
     return p
 
@@ -394,7 +415,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _finish(summary: ConversionSummary) -> int:
     print(summary.report())
     if summary.documents_written == 0:
-        print("error: no documents were written", file=sys.stderr)
+        print(f"error: no documents were written (nothing was created at {summary.output})", file=sys.stderr)
         return 1
     return 0
 
@@ -402,7 +423,7 @@ def _finish(summary: ConversionSummary) -> int:
 def run_text(args: argparse.Namespace) -> int:
     split = "lines" if args.split_lines else "blank_lines" if args.split_blank_lines else "file"
     summary = convert_text_files(args.inputs, args.output, text_key=args.text_key, split=split,
-                                 overwrite=args.overwrite, progress=not args.no_progress)
+                                 overwrite=args.overwrite, progress=not args.no_progress, invalid_utf8=args.invalid_utf8)
     rc = _finish(summary)
     if rc == 0 and args.align_max_bytes:
         am = align_memory_map(args.output, args.align_max_bytes, overwrite=args.overwrite, progress=not args.no_progress)

@@ -13,10 +13,13 @@ Atomicity: :class:`MemoryMapBuilder` writes ``*.partial`` files and renames them
 in :meth:`MemoryMapBuilder.finalize`, ``.meta.json`` last. :class:`MemoryMap` refuses a prefix
 without ``.meta.json`` and checks that the sizes of ``.idx`` and ``.bin`` agree with it, so a
 conversion killed half-way is never mistaken for a complete one; re-running it simply succeeds.
+Opening also validates the whole index once (documents back to back inside ``.bin``; the error names
+the first bad entry), and :attr:`MemoryMap.fingerprint` keys the caches derived from a map.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +30,8 @@ import numpy as np
 PathLike = Union[str, os.PathLike]
 PARTIAL_SUFFIX = ".partial"
 _FLUSH_EVERY = 65536  # index pairs buffered before a write
+_VALIDATE_BLOCK = 1 << 20  # index rows checked per vectorised block
+_SAMPLED_BLOCKS = 64  # 4 KiB blocks of .bin in the fingerprint
 
 
 class MemoryMapError(ValueError):
@@ -67,13 +72,14 @@ class MemoryMap:
         MemoryMapError: the files disagree (truncated, or left over from an interrupted write).
     """
 
-    def __init__(self, prefix: PathLike, in_memory_index: bool = False) -> None:
+    def __init__(self, prefix: PathLike, in_memory_index: bool = False, validate: bool = True) -> None:
         self.prefix = Path(prefix)
         self.in_memory_index = in_memory_index
-        self._open()
+        self._fingerprint = None
+        self._open(validate)
 
     # -- opening and validation -------------------------------------------------------------
-    def _open(self) -> None:
+    def _open(self, validate: bool = True) -> None:
         self.path_bin, self.path_idx, self.path_meta = memory_map_paths(self.prefix)
         for path in (self.path_meta, self.path_idx, self.path_bin):
             if not path.is_file():
@@ -112,17 +118,56 @@ class MemoryMap:
                 f"{self.path_bin}: holds {len(self._data)} elements but the lengths in "
                 f"{self.path_idx} sum to {total}; truncated or stale data"
             )
-        if count and int(self._index[-1, 0]) + int(self._index[-1, 1]) > len(self._data):
-            raise MemoryMapError(f"{self.path_idx}: last document ends past the end of {self.path_bin}")
+        if validate:
+            self._validate_index()
+
+    def _validate_index(self) -> None:
+        """Every document starts where the previous one ended (the first at 0) and ends inside ``.bin``:
+        one vectorised pass over the index in blocks; the error names the file and the first bad entry."""
+        expected, n = 0, len(self._data)
+        for a in range(0, self.document_count, _VALIDATE_BLOCK):
+            block = np.asarray(self._index[a : a + _VALIDATE_BLOCK]).astype(np.int64)  # uint64 > 2**63: negative, caught
+            starts, lengths = block[:, 0], block[:, 1]
+            ends = starts + lengths
+            want = np.empty_like(starts)
+            want[0] = expected
+            want[1:] = ends[:-1]
+            bad = np.flatnonzero((starts != want) | (lengths < 0) | (ends > n) | (starts < 0))
+            if bad.size:
+                i = int(bad[0])
+                raise MemoryMapError(
+                    f"{self.path_idx}: document {a + i} has start {int(block[i, 0])} and length {int(block[i, 1])}, but "
+                    f"documents are stored back to back: it must start at {int(want[i])} and end within the "
+                    f"{n} elements of {self.path_bin}; corrupt or stale index")
+            expected = int(ends[-1])
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of this map's index, its data's size and modification time and sampled data blocks:
+        what caches derived from the map (aligned index, unit counts) are keyed on, so that a re-converted
+        corpus never reuses them (also when its size and document count are the same)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            with open(self.path_idx, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+            st = self.path_bin.stat()
+            h.update(f"{self.dtype.str}|{st.st_size}|{st.st_mtime_ns}".encode())
+            raw = self._data.view(np.uint8) if len(self._data) else np.zeros(0, np.uint8)
+            for off in np.linspace(0, max(len(raw) - 4096, 0), num=_SAMPLED_BLOCKS, dtype=np.int64):
+                h.update(raw[int(off) : int(off) + 4096].tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
 
     # pickling (DataLoader workers): reopen the files instead of copying the mapped arrays
     def __getstate__(self) -> dict:
         return {"prefix": str(self.prefix), "in_memory_index": self.in_memory_index}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict) -> None:  # validated when first opened; the sizes are checked again
         self.prefix = Path(state["prefix"])
         self.in_memory_index = state["in_memory_index"]
-        self._open()
+        self._fingerprint = None
+        self._open(validate=False)
 
     # -- access -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -294,7 +339,7 @@ class MemoryMapBuilder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None and not self.aborted:
             self.finalize()
         else:
             self.abort()
