@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable
 
 
@@ -25,12 +24,11 @@ def layout_arg(text: str) -> tuple[int, int, int]:
 def run_tool(prog: str, body: Callable[[], str]) -> int:
     """Run ``body``; print what it returns (exit code 0), or for an expected problem (a missing or existing
     path, a bad value or config, an unsupported case) one line ``prog: error: ...`` on stderr (code 2)."""
-    from megatron_tfree.config import ConfigError
+    from megatron_tfree.errors import EXPECTED_ERRORS, report
 
     try:
         message = body()
-    except (FileExistsError, FileNotFoundError, ValueError, NotImplementedError, ConfigError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS + (ValueError, NotImplementedError) as e:
+        return report(prog, e)
     print(message)
     return 0

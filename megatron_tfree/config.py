@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, UserError):
     """A config value is missing, unknown, of the wrong type or impossible. The message names the key."""
 
 
@@ -119,6 +121,13 @@ class TrainingConfig:
     # start a new run from these weights (any checkpoint: run dir, tag dir of any layout, consolidated or
     # imported dir) with a fresh optimizer and schedule; ignored once save_dir has a checkpoint to resume
     init_from: str = ""
+    # a collective that does not finish within this many seconds (a hung or dead rank) stops every rank
+    collective_timeout: float = 600.0
+    # the run owns save_dir (save_dir/owner.lock); a lock of another host is stale after this many
+    # seconds without a heartbeat (same host: when its process is gone; same SLURM job: on requeue)
+    lock_stale_after: float = 600.0
+    keep_checkpoints: int = 0  # keep the newest N checkpoints (0 = all); `latest` is always kept ...
+    keep_every: int = 0  # ... and every checkpoint whose step is a multiple of this (0 = none)
     log_interval: int = 10
     eval_interval: int = 100
     eval_iterations: int = 4
@@ -319,6 +328,18 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
     t, m, d, tr, p = cfg.tokenizer, cfg.model, cfg.data, cfg.training, cfg.parallel
 
+    for section_name in ("model", "tokenizer", "data", "training", "parallel"):  # before anything else
+        section = getattr(cfg, section_name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f"{section_name}.{f.name}", f"must be a finite number, got {value}")
+    for key, value, limit in (("model.hidden_size", m.hidden_size, 1 << 17), ("model.num_layers", m.num_layers, 4096),
+                              ("model.mlp_factor", m.mlp_factor, 64), ("model.ffn_hidden_size", m.ffn_hidden_size, 1 << 20),
+                              ("data.seq_len", d.seq_len, 1 << 22), ("training.micro_batch_size", tr.micro_batch_size, 1 << 16)):
+        if value > limit:
+            bad(key, f"= {value} is beyond any model this trainer is meant for (at most {limit})")
+
     positive(t, "vocab_size", "tokenizer")
     positive(t, "vocab_population", "tokenizer")
     if t.vocab_population > t.vocab_size:
@@ -392,6 +413,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("training.sample_words", f"must be > 0, got {tr.sample_words}")
     if not tr.save_dir:
         bad("training.save_dir", "must not be empty")
+    for name in ("collective_timeout", "lock_stale_after"):
+        positive(tr, name, "training")
+    if tr.keep_checkpoints < 0 or tr.keep_every < 0:
+        bad("training.keep_checkpoints" if tr.keep_checkpoints < 0 else "training.keep_every", "must be >= 0")
     if tr.init_from and tr.load_dir:
         bad("training.init_from", "and training.load_dir exclude each other: load_dir resumes a run (weights, "
             "optimizer, schedule, data position), init_from starts a new one from weights only")

@@ -41,13 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import EXPECTED_ERRORS, report
     from .inference import InferencePipe
 
-    pipe = InferencePipe.from_checkpoint(args.checkpoint, device=args.device, word_counts=args.word_counts,
-                                         allow_pickle=args.allow_pickle)
-    text = pipe.generate(args.prompt, max_words=args.max_words, more_words=args.more_words, reduce_to=args.reduce_to,
-                         edge_weight=args.edge_weight, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         stop_words=args.stop_word)
+    try:
+        pipe = InferencePipe.from_checkpoint(args.checkpoint, device=args.device, word_counts=args.word_counts,
+                                             allow_pickle=args.allow_pickle)
+        text = pipe.generate(args.prompt, max_words=args.max_words, more_words=args.more_words,
+                             reduce_to=args.reduce_to, edge_weight=args.edge_weight, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed, stop_words=args.stop_word)
+    except EXPECTED_ERRORS + (ValueError,) as e:  # a missing or unreadable checkpoint, a bad option value
+        return report("megatron-tfree-generate", e)
     print(args.prompt + text)
     return 0
 

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, load_config
+from .config import load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,11 +28,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .errors import EXPECTED_ERRORS, report
+
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _prepare(args)
+    except EXPECTED_ERRORS as e:  # a bad config, a missing data path, corrupt data
+        return report("megatron-tfree-prepare", e)
+
+
+def _prepare(args) -> int:
+    cfg = load_config(args.config, args.overrides)
     from .data.dataset import build_dataset
     from .data.sources import iter_documents, split_prefixes, tokenizer_for_config
     from .tokenizer.stats import format_stats, measure

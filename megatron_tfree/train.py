@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. training.lr=3e-4 parallel.zero_stage=2")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected error (a bad config, "
+                   "a busy save dir, ...; also MEGATRON_TFREE_DEBUG=1) instead of one line")
     return p
 
 
@@ -40,26 +42,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.debug:
+        os.environ["MEGATRON_TFREE_DEBUG"] = "1"
 
-    from megatron_tfree.config import ConfigError, load_config
+    from megatron_tfree.config import load_config
+    from megatron_tfree.errors import EXPECTED_ERRORS, debug, report
 
+    prog = "megatron-tfree-train"
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"megatron-tfree-train: {e}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS as e:
+        return report(prog, e)
 
     from megatron_tfree.training.engine import teardown
-    from megatron_tfree.training.loop import train
+    from megatron_tfree.training.loop import CollectiveTimeout, train
 
     try:
         result = train(cfg)
     except BaseException as e:
+        if isinstance(e, CollectiveTimeout):  # a peer is gone: no teardown collective would finish
+            report(prog, e)
+            sys.stderr.flush()
+            os._exit(3)
         gc.collect()
         teardown(barrier=False)
-        if isinstance(e, ConfigError):  # e.g. global_batch_size vs. the data-parallel size
-            print(f"megatron-tfree-train: {e}", file=sys.stderr)
-            return 2
+        if isinstance(e, EXPECTED_ERRORS) and not debug():
+            return report(prog, e)
         raise
     gc.collect()
     teardown()

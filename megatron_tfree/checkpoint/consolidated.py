@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from ..fileutil import default_permissions
 from .files import TrainerState, write_json
 
 MARKER_FILE = "consolidated.json"
@@ -139,5 +140,6 @@ def merge_parts(directory: Path, name: str) -> None:
     for part in parts:
         merged.update(load_file(str(part)))
     save_file(merged, str(directory / name), metadata={"format": FORMAT})
+    default_permissions(directory / name)
     for part in parts:
         part.unlink()

@@ -41,6 +41,42 @@ def tag_for(step: int) -> str:
     return f"step_{step}"
 
 
+def step_of(tag: str) -> Optional[int]:
+    """The step of a ``step_N`` tag (None for other names)."""
+    head, _, number = tag.partition("_")
+    return int(number) if head == "step" and number.isdigit() else None
+
+
+def complete_tags(save_dir: str | os.PathLike) -> list[str]:
+    """The ``step_N`` tags of ``save_dir`` whose trainer state was written (complete saves), newest first."""
+    root = Path(save_dir)
+    tags = [p.name for p in root.glob("step_*") if step_of(p.name) is not None and (p / STATE_FILE).is_file()]
+    return sorted(tags, key=step_of, reverse=True)
+
+
+def unreadable(tag_dir: str | os.PathLike) -> Optional[str]:
+    """Why the checkpoint ``tag_dir`` cannot be loaded (a file named), or None when every file opens:
+    our JSON/YAML files parse, every ``.pt`` file opens with ``torch.load(weights_only=True)``
+    (memory-mapped: the archive and its index are checked, the tensor bytes not read)."""
+    from .safe_load import load_weights_only
+
+    tag_dir = Path(tag_dir)
+    for name in (CONFIG_FILE, STATE_FILE):
+        if not (tag_dir / name).is_file():
+            return f"{tag_dir / name} is missing"
+    for path in sorted(tag_dir.glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path}: {e}"
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            load_weights_only(path, mmap=True)
+        except (OSError, ValueError) as e:
+            return str(e) if str(path) in str(e) else f"{path}: {e}"
+    return None
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_rank{rank}.json"
 

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import UserError
 from .memory_map import MemoryMap, PathLike
 
 SPLIT_BYTES = b" .,!?"
@@ -50,7 +51,7 @@ class Segment(NamedTuple):
     ends_document: bool
 
 
-class AlignedIndexError(ValueError):
+class AlignedIndexError(ValueError, UserError):
     """An aligned index is missing, incomplete or does not match its MemoryMap (names the file)."""
 
 

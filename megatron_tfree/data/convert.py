@@ -456,10 +456,20 @@ def parser_for(command: str, prog: Optional[str] = None) -> argparse.ArgumentPar
     return add(argparse.ArgumentParser(prog=prog, description=help_text))
 
 
+def _run(command: str, args: argparse.Namespace, prog: str) -> int:
+    """Run ``command``; an expected problem (missing input, existing output, bad data) is one line, code 2."""
+    from ..errors import EXPECTED_ERRORS, report
+
+    try:
+        return COMMANDS[command][1](args)
+    except EXPECTED_ERRORS + (ValueError,) as e:
+        return report(prog, e)
+
+
 def run(command: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Parse ``argv`` for ``command`` and run it; returns the exit code."""
     args = parser_for(command, prog).parse_args(argv)
-    return COMMANDS[command][1](args)
+    return _run(command, args, prog or command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -469,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, (add, _, help_text) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][1](args)
+    return _run(args.command, args, parser.prog)
 
 
 if __name__ == "__main__":

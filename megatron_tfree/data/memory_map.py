@@ -27,6 +27,8 @@ from typing import Iterator, Union
 
 import numpy as np
 
+from ..errors import UserError
+
 PathLike = Union[str, os.PathLike]
 PARTIAL_SUFFIX = ".partial"
 _FLUSH_EVERY = 65536  # index pairs buffered before a write
@@ -34,7 +36,7 @@ _VALIDATE_BLOCK = 1 << 20  # index rows checked per vectorised block
 _SAMPLED_BLOCKS = 64  # 4 KiB blocks of .bin in the fingerprint
 
 
-class MemoryMapError(ValueError):
+class MemoryMapError(ValueError, UserError):
     """A MemoryMap on disk is missing, incomplete or inconsistent (the message names the file)."""
 
 

@@ -19,7 +19,6 @@ output.norm; lm_head -> the head. Not representable here (clear errors): ``embed
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 

@@ -31,6 +31,7 @@ An empty prompt starts from ``<|endoftext|>`` (the context that precedes every d
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -42,12 +43,16 @@ from ..model.gpt import make_input_batch
 from ..tokenizer.dictionary import DecodeDictionary
 from . import loading
 
+logger = logging.getLogger(__name__)
+LONG_PROMPT_FACTOR = 4  # warn when a generation spans more than this many training lengths
+
 
 class InferencePipe:
     """A model, its tokenizer and (T-Free) the base decode dictionary; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, dictionary: Optional[DecodeDictionary] = None,
-                 word_counts=None):
+                 word_counts=None, trained_length: Optional[int] = None):
+        self.trained_length = trained_length  # the training sequence length (data.seq_len), when known
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.kind = tokenizer.kind
@@ -71,7 +76,7 @@ class InferencePipe:
         reader = CheckpointReader(path)
         model = reader.load_model(device)
         dictionary = loading.checkpoint_dictionary(reader.tag_dir, reader.tokenizer, word_counts, allow_pickle)
-        return cls(model, reader.tokenizer, dictionary)
+        return cls(model, reader.tokenizer, dictionary, trained_length=reader.cfg.data.seq_len)
 
     # ------------------------------------------------------------------ units and forward
     def units(self, text: str) -> list[str]:
@@ -176,6 +181,11 @@ class InferencePipe:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         units = [self.units(p) or [self._eot] for p in prompts]
+        longest = max(len(u) for u in units) + max_words
+        if self.trained_length and longest > LONG_PROMPT_FACTOR * self.trained_length:
+            logger.warning("the prompt and completion span %d units, %.0fx the %d the model was trained on: later "
+                           "positions were never trained, and every step attends to all of them (slow)",
+                           longest, longest / self.trained_length, self.trained_length)
         base, row_dicts = None, None
         if self.kind == "tfree":
             base = self.dictionary

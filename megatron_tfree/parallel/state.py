@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator, Optional
 
 import torch.distributed as dist
@@ -105,8 +106,9 @@ def coords_of(rank: int, tp: int, dp: int) -> tuple[int, int, int]:
     return rank % tp, (rank // tp) % dp, rank // (tp * dp)
 
 
-def initialize(tp: int = 1, pp: int = 1) -> ParallelState:
-    """Create the TP/PP/DP/MP groups of the current world (every rank must call this)."""
+def initialize(tp: int = 1, pp: int = 1, timeout: Optional[float] = None) -> ParallelState:
+    """Create the TP/PP/DP/MP groups of the current world (every rank must call this); ``timeout``
+    (seconds) bounds how long their collectives wait for a peer (default: torch's)."""
     global _STATE
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed must be initialised before parallel.state.initialize")
@@ -130,7 +132,7 @@ def initialize(tp: int = 1, pp: int = 1) -> ParallelState:
                 c = {**dict(zip(fixed, fixed_coords)), **dict(zip(varying, var_coords))}
                 ranks.append(rank_of(c["tp"], c["dp"], c["pp"], tp, dp))
             ranks = sorted(ranks)
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout) if timeout else None)
             if rank in ranks:
                 mine[axis], ranks_of[axis] = g, tuple(ranks)
     _STATE = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,

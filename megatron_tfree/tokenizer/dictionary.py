@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from ..fileutil import default_permissions
 from . import scoring
 from .word_counts import read_word_counts, write_word_counts
 from .words import END_OF_TEXT, SPECIAL_WORDS
@@ -396,6 +397,7 @@ class DecodeDictionary:
         tensors_path, meta_path = self._paths(path)
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
         save_file(self.arrays(), str(tensors_path))
+        default_permissions(tensors_path)
         meta = {"format_version": FORMAT_VERSION, "vocab_size": self.vocab_size,
                 "vocab_population": self.vocab_population, "tokenizer": self.tokenizer_config, "words": self.words}
         meta_path.write_text(json.dumps(meta, ensure_ascii=False))

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -31,8 +33,10 @@ import torch.distributed as dist
 
 from megatron_tfree.checkpoint import consolidated
 from megatron_tfree.checkpoint.files import (CONFIG_FILE, LATEST_FILE, STATE_FILE, TOKENIZER_DIR,  # noqa: F401
-                                             WORD_COUNTS_FILE, TrainerState, read_latest, resolve_tag_dir, rng_file,
-                                             tag_for, write_json, write_latest)
+                                             WORD_COUNTS_FILE, TrainerState, complete_tags, read_latest,
+                                             resolve_tag_dir, rng_file, step_of, tag_for, unreadable, write_json,
+                                             write_latest)
+from megatron_tfree.errors import UserError
 from megatron_tfree.training import deepspeed_state
 from megatron_tfree.training.deepspeed_state import weights_only_loads as _weights_only_loads
 
@@ -123,18 +127,66 @@ def save_checkpoint(engine: Any, cfg: Any, tokenizer: Any, state: TrainerState, 
 # --------------------------------------------------------------------------------------------------
 
 
+class CheckpointError(RuntimeError, UserError):
+    """A checkpoint cannot be resumed (the message names the file or tensor)."""
+
+
+def _readable_or_fallback(root: Path, tag: str, fallback: bool) -> str:
+    """``tag`` if its files open, else (``fallback``) the newest older complete checkpoint that does,
+    announced on stderr; otherwise CheckpointError naming the file."""
+    problem = unreadable(root / tag)
+    if problem is None:
+        return tag
+    if fallback:
+        for older in complete_tags(root):
+            if older != tag and (step_of(older) or 0) < (step_of(tag) or 0) and unreadable(root / older) is None:
+                if _rank() == 0:
+                    print(f"WARNING: checkpoint {root / tag} cannot be read ({problem}); resuming from the previous "
+                          f"valid checkpoint {root / older} instead", file=sys.stderr, flush=True)
+                return older
+    raise CheckpointError(f"cannot resume {root / tag}: {problem}" +
+                          ("; no older readable checkpoint in the run dir either" if fallback else ""))
+
+
 def find_resume(cfg: Any) -> Optional[tuple[Path, str]]:
     """``(root, tag)`` to resume from: ``training.load_dir`` (a run dir with ``latest``, a tag dir or a
-    consolidated dir), else ``training.save_dir`` when it has a ``latest``; None for a fresh run."""
+    consolidated dir), else ``training.save_dir`` when it has a ``latest``; None for a fresh run. A run
+    dir's ``latest`` checkpoint that cannot be read falls back to the previous valid one (loudly); an
+    explicitly named checkpoint that cannot be read is an error naming the file."""
     t = cfg.training
     if t.load_dir:
         try:
             tag_dir = resolve_tag_dir(t.load_dir)
         except (FileNotFoundError, ValueError) as e:
             raise FileNotFoundError(f"training.load_dir={t.load_dir}: {e}") from None
-        return tag_dir.parent, tag_dir.name
+        fallback = read_latest(t.load_dir) is not None
+        return tag_dir.parent, _readable_or_fallback(tag_dir.parent, tag_dir.name, fallback)
     tag = read_latest(t.save_dir)
-    return (Path(t.save_dir), tag) if tag is not None else None
+    if tag is None:
+        return None
+    if not (Path(t.save_dir) / tag).is_dir():
+        older = complete_tags(t.save_dir)
+        if not older:
+            raise CheckpointError(f"{Path(t.save_dir) / LATEST_FILE} names {tag!r} but {Path(t.save_dir) / tag} does "
+                                  f"not exist, and there is no other checkpoint")
+        return Path(t.save_dir), _readable_or_fallback(Path(t.save_dir), older[0], True)
+    return Path(t.save_dir), _readable_or_fallback(Path(t.save_dir), tag, True)
+
+
+def prune_checkpoints(root: Path, keep: int, every: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints of ``root`` (0: keep all), never the one
+    ``latest`` names nor a step that is a multiple of ``every``; returns the deleted tags."""
+    if keep <= 0:
+        return []
+    latest = read_latest(root)
+    deleted = []
+    for tag in complete_tags(root)[keep:]:
+        step = step_of(tag) or 0
+        if tag == latest or (every and step % every == 0):
+            continue
+        shutil.rmtree(root / tag, ignore_errors=True)
+        deleted.append(tag)
+    return deleted
 
 
 def _read_counts(tag_dir: Path) -> Counter:
@@ -155,9 +207,15 @@ def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> tuple[Tra
     state = TrainerState.read(tag_dir)
     if consolidated.is_consolidated(tag_dir):  # layout-free checkpoint: any layout resumes from it
         return load_consolidated(engine, tag_dir), _read_counts(tag_dir)
-    with _weights_only_loads(engine):
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    try:
+        with _weights_only_loads(engine):
+            load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    except RuntimeError as e:  # load_state_dict: "size mismatch for <name>: copying a param with shape ..."
+        detail = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "key(s)" in ln]
+        if not detail:
+            raise
+        raise CheckpointError(f"{tag_dir}: the weights do not fit this model: " + "; ".join(detail[:5])) from None
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the engine state from {tag_dir}")
     rng_path = tag_dir / rng_file(rank)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,9 +58,10 @@ def _env_defaults() -> None:
         env["MASTER_PORT"] = str(free_port())
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout: Optional[float] = None) -> tuple[int, int]:
     """Initialise torch.distributed and DeepSpeed's comm layer once (idempotent) and return
-    ``(rank, world_size)``. A process group created by the caller (tests) is adopted by DeepSpeed."""
+    ``(rank, world_size)``. A process group created by the caller (tests) is adopted by DeepSpeed.
+    ``timeout`` (seconds, ``training.collective_timeout``): how long a collective may wait for a peer."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     import deepspeed
     import deepspeed.comm as ds_comm
@@ -74,7 +76,8 @@ def init_distributed() -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    kwargs = {"timeout": timedelta(seconds=timeout)} if timeout else {}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -83,7 +86,7 @@ def setup_parallel(cfg: Config) -> Any:
     (:func:`megatron_tfree.parallel.state.initialize`); returns the layout. Idempotent for one layout."""
     from megatron_tfree.parallel import state
 
-    _, world = init_distributed()
+    _, world = init_distributed(cfg.training.collective_timeout)
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipe
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise ConfigError(f"world size {world} is not divisible by parallel.tensor * parallel.pipe "
@@ -92,7 +95,7 @@ def setup_parallel(cfg: Config) -> Any:
     if state.is_initialized() and (current.tp, current.pp, current.world_size) == (tp, pp, world):
         return current
     state.destroy()
-    layout = state.initialize(tp, pp)
+    layout = state.initialize(tp, pp, timeout=cfg.training.collective_timeout)
     _enable_tensor_parallel(layout)
     return layout
 
@@ -176,6 +179,25 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> GuardedAdamW:
                         weight_decay=t.weight_decay)
 
 
+def check_model_fits(cfg: Config, vocab_size: int) -> None:
+    """Refuse, before allocating anything, a model whose fp32 weights alone (this rank's share) exceed the
+    memory of this machine (CPU) or device (CUDA): e.g. ``model.hidden_size=1e5`` asks for terabytes."""
+    from megatron_tfree.plan import block_params
+
+    m, p = cfg.model, cfg.parallel
+    params = m.num_layers * block_params(cfg) + 2 * vocab_size * m.hidden_size + m.hidden_size
+    need = 4 * params / (p.tensor * p.pipe)
+    if torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this GPU"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if need > have:
+        raise ConfigError(f"the model has {params / 1e9:.2f}B parameters: its fp32 weights alone need "
+                          f"{need / 2**30:.1f} GiB per rank (parallel.tensor={p.tensor}, parallel.pipe={p.pipe}), "
+                          f"{where} has {have / 2**30:.1f} GiB; check model.hidden_size / model.num_layers / the "
+                          f"vocabulary size, or shard the model")
+
+
 def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     """The model of ``cfg`` for this rank: :class:`GPTModel`, or with ``parallel.pipe > 1`` this rank's
     stage of :class:`~megatron_tfree.model.pipe.GPTPipe` (same seed, same weights)."""
@@ -183,6 +205,7 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
 
     from megatron_tfree.parallel.init import mark_replicated
 
+    check_model_fits(cfg, vocab_size)
     layout = setup_parallel(cfg)
     if cfg.parallel.pipe == 1:
         model = GPTModel(cfg.model, cfg.tokenizer.kind, vocab_size, seed=cfg.training.seed)

@@ -14,30 +14,36 @@ parameters, optimizer moments and the LR schedule stay put, the step is counted,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import re
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_tfree.checkpoint.lock import SaveDirBusy, SaveDirLock
 from megatron_tfree.config import Config
+from megatron_tfree.errors import UserError
 from megatron_tfree.training import checkpoint as ckpt
 from megatron_tfree.training import init_from
+from megatron_tfree.training.resume_check import check_resume
 from megatron_tfree.training.engine import build_engine, build_model, setup_parallel
 from megatron_tfree.training.metrics import PLOT_FILE, MetricsLogger, format_line, plot_loss
 from megatron_tfree.training.steps import BitsFn, evaluate, train_step
 
-__all__ = ["BitsFn", "NonFiniteLossError", "TrainResult", "bits_per_byte_fn", "classic_bits", "evaluate",
-           "train", "train_step"]
+__all__ = ["BitsFn", "CollectiveTimeout", "NonFiniteLossError", "TrainResult", "bits_per_byte_fn", "classic_bits",
+           "evaluate", "train", "train_step"]
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RuntimeError, UserError):
     """More steps had a non-finite loss than ``training.max_skipped_steps`` allows."""
 
 
@@ -117,22 +123,78 @@ def _make_tokenizer(cfg: Config, resume: Optional[tuple[Path, str]], init: Any) 
     return tokenizer_for_config(cfg)
 
 
+class CollectiveTimeout(RuntimeError, UserError):
+    """A collective did not finish within ``training.collective_timeout``: a peer is hung or dead."""
+
+
+_TIMEOUT = re.compile(r"timed? ?out|timeout|connection closed by peer|connection reset by peer", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _collectives(what: str, step: int, timeout: float) -> Iterator[None]:
+    """Turn a collective's timeout (gloo/NCCL raise RuntimeError) into :class:`CollectiveTimeout` naming
+    ``what`` this rank was doing and the step."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, UserError) or not _TIMEOUT.search(str(e)):
+            raise
+        raise CollectiveTimeout(
+            f"step {step}: {what} waited longer than training.collective_timeout={timeout:g} s for another rank: a "
+            f"rank is hung or dead ({str(e).splitlines()[0][:200]})") from e
+
+
+def _own_save_dir(cfg: Config, rank: int) -> Optional[SaveDirLock]:
+    """Rank 0 takes ``training.save_dir``'s lock before the run writes anything; every rank learns the outcome
+    (all raise :class:`SaveDirBusy` when another run owns the directory)."""
+    lock, error = None, None
+    if rank == 0:
+        lock = SaveDirLock(cfg.training.save_dir, cfg.training.lock_stale_after)
+        try:
+            reason = lock.acquire()
+            if reason:
+                print(f"took over {lock.path}: {reason}", file=sys.stderr, flush=True)
+        except SaveDirBusy as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1 if error is not None else 0])
+        with _collectives("taking the save dir", 0, cfg.training.collective_timeout):
+            dist.all_reduce(flag)
+        if error is None and flag.item():
+            error = SaveDirBusy(f"{cfg.training.save_dir} is in use by another run (rank 0 says who)")
+    if error is not None:
+        raise error
+    return lock
+
+
 def train(cfg: Config, stop_after: Optional[int] = None,
           on_step: Optional[Callable[[int, Any, dict], None]] = None) -> TrainResult:
-    """Train (or resume training) ``cfg`` up to ``training.train_iterations`` steps.
+    """Train (or resume training) ``cfg`` up to ``training.train_iterations`` steps. The run owns
+    ``training.save_dir`` while it runs (:mod:`megatron_tfree.checkpoint.lock`).
 
     Args:
         stop_after: stop (with a checkpoint) once this step is reached, as if the job were
             interrupted; the schedule still runs to ``train_iterations``.
         on_step: called as ``on_step(step, engine, record)`` after every step (tests, hooks).
     """
+    layout = setup_parallel(cfg)
+    lock = _own_save_dir(cfg, layout.rank)
+    try:
+        return _train(cfg, layout, lock, stop_after, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, layout: Any, lock: Optional[SaveDirLock], stop_after: Optional[int],
+           on_step: Optional[Callable[[int, Any, dict], None]]) -> TrainResult:
     from megatron_tfree.data.dataset import build_dataloader
 
     t = cfg.training
-    layout = setup_parallel(cfg)
     rank, dp_rank, dp_world = layout.rank, layout.dp_rank, layout.dp
     save_dir = Path(t.save_dir)
     resume = ckpt.find_resume(cfg)
+    changes = check_resume(cfg, resume[0] / resume[1], dist.get_world_size()) if resume is not None else []
     init = init_from.open_source(cfg) if resume is None and t.init_from else None
     tokenizer = _rank0_first(lambda: _make_tokenizer(cfg, resume, init))
     model = build_model(cfg, tokenizer.vocab_size)
@@ -151,7 +213,10 @@ def train(cfg: Config, stop_after: Optional[int] = None,
         state.world_size = dist.get_world_size()
         if resume[0].resolve() == save_dir.resolve():
             truncate = state.metrics_position
-    metrics = MetricsLogger(save_dir, enabled=rank == 0, tensorboard=t.tensorboard, truncate_to=truncate)
+    # only the save dir's owner gets here: it cuts metrics back to the resumed step, or (a run of its own,
+    # not resumed from this dir) starts a fresh file, keeping an old one aside
+    metrics = MetricsLogger(save_dir, enabled=rank == 0, tensorboard=t.tensorboard, truncate_to=truncate,
+                            fresh=truncate is None)
     loader = _rank0_first(lambda: build_dataloader(cfg, tokenizer, dp_rank, dp_world, state.consumed_samples,
                                                    split="train", progress=rank == 0))
     valid = _rank0_first(lambda: build_dataloader(cfg, tokenizer, dp_rank, dp_world, 0, split="valid",
@@ -160,29 +225,32 @@ def train(cfg: Config, stop_after: Optional[int] = None,
     last = min(t.train_iterations, stop_after) if stop_after else t.train_iterations
     samples_per_step = t.micro_batch_size * gas * dp_world
     bar = tqdm(total=t.train_iterations, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    last_bpb: Optional[float] = None
     bits_fn = bits_per_byte_fn(tokenizer, cfg, valid) if valid is not None else None
     if rank == 0 and init is not None:
         bar.write(f"initialised from {init.tag_dir} ({init.describe()}): weights only, fresh optimizer and schedule")
+    if rank == 0 and metrics.set_aside is not None:
+        bar.write(f"a new run in {save_dir}: the earlier metrics.jsonl is kept as {metrics.set_aside.name}")
     if rank == 0 and resume is not None:
         msg = f"resuming {resume[0] / resume[1]} at step {state.step}"
         if state.step >= last:
             msg += (f": training.train_iterations={t.train_iterations} already reached, nothing to train "
                     f"(raise it, or set training.save_dir for a new run)")
-        bar.write(msg)
+        bar.write(msg + ("; changed: " + ", ".join(changes) if changes else ""))
+    timeout = t.collective_timeout
     try:
         initial: dict[str, float] = {}
         if valid is not None and state.step == 0:  # the untrained model, for comparison
-            result.last_eval = evaluate(engine, cfg, valid, bits_fn)
+            with _collectives("the first evaluation", 0, timeout):
+                result.last_eval = evaluate(engine, cfg, valid, bits_fn)
             initial = {f"initial_{k}": v for k, v in result.last_eval.items()}  # logged with step 1
-            last_bpb = result.last_eval.get("bits_per_byte")
             if rank == 0:
                 bar.write("untrained: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
         data_iter = iter(loader)
         for step in range(state.step + 1, last + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            out = train_step(engine, optimizer, data_iter, gas, dp_world, word_counts)
+            with _collectives("the training step (gradient all-reduce, loss checks)", step, timeout):
+                out = train_step(engine, optimizer, data_iter, gas, dp_world, word_counts)
             elapsed = time.perf_counter() - start
             state.step, state.consumed_samples = step, state.consumed_samples + samples_per_step
             record = {"step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
@@ -199,19 +267,26 @@ def train(cfg: Config, stop_after: Optional[int] = None,
                         f"step {step}: {state.skipped_steps} steps with a non-finite loss exceed "
                         f"training.max_skipped_steps={t.max_skipped_steps}; lower training.lr or check the data")
             if valid is not None and (step % t.eval_interval == 0 or step == last):
-                result.last_eval = evaluate(engine, cfg, valid, bits_fn)
+                with _collectives("the evaluation", step, timeout):
+                    result.last_eval = evaluate(engine, cfg, valid, bits_fn)
                 record.update(result.last_eval)
-                last_bpb = result.last_eval.get("bits_per_byte", last_bpb)
             metrics.log(record)
+            if lock is not None:
+                lock.heartbeat()
             if rank == 0 and (step % t.log_interval == 0 or step == last or "eval_loss" in record):
-                bar.write(format_line(record, t.train_iterations, last_bpb))
+                bar.write(format_line(record, t.train_iterations))
             bar.update(1)
             result.step = step
             if on_step is not None:
                 on_step(step, engine, record)
             if step % t.save_interval == 0 or step == last:
                 state.metrics_position = metrics.position()
-                ckpt.save_checkpoint(engine, cfg, tokenizer, state, word_counts)
+                with _collectives("saving the checkpoint", step, timeout):
+                    ckpt.save_checkpoint(engine, cfg, tokenizer, state, word_counts)
+                if rank == 0:
+                    for tag in ckpt.prune_checkpoints(save_dir, t.keep_checkpoints, t.keep_every):
+                        bar.write(f"removed old checkpoint {save_dir / tag} (training.keep_checkpoints="
+                                  f"{t.keep_checkpoints}, keep_every={t.keep_every})")
     finally:  # also after an error: the plot of a failed run helps most
         bar.close()
         metrics.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,17 +36,24 @@ class MetricsLogger:
         tensorboard: also write TensorBoard scalars under ``{save_dir}/tensorboard``.
         truncate_to: byte length to cut ``metrics.jsonl`` back to (the position stored in the
             checkpoint being resumed); None keeps the file as it is.
+        fresh: a new run: an existing non-empty ``metrics.jsonl`` is renamed to
+            ``metrics.jsonl.<time>.old`` (:attr:`set_aside`) instead of being appended to.
     """
 
     def __init__(self, save_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
-                 truncate_to: Optional[int] = None) -> None:
+                 truncate_to: Optional[int] = None, fresh: bool = False) -> None:
         self.path = Path(save_dir) / METRICS_FILE
         self.enabled = enabled
+        self.set_aside: Optional[Path] = None
         self._tb = None
         self._file = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and self.path.is_file() and self.path.stat().st_size:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
+            self.set_aside = self.path.with_name(f"{METRICS_FILE}.{stamp}.old")
+            os.replace(self.path, self.set_aside)
         if truncate_to is not None and self.path.exists() and self.path.stat().st_size > truncate_to:
             with open(self.path, "r+b") as f:
                 f.truncate(truncate_to)
@@ -91,16 +99,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def format_line(record: dict[str, Any], total_steps: int, last_bpb: Optional[float] = None) -> str:
-    """The console line of one step: step, loss, bits/byte (when evaluated), words/s, lr, grad norm."""
+def format_line(record: dict[str, Any], total_steps: int) -> str:
+    """The console line of one step: step, loss, eval loss and bits/byte (on the steps that evaluated),
+    words/s, lr, grad norm."""
     def num(v: Any, fmt: str) -> str:
         return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
     parts = [f"step {record['step']}/{total_steps}", f"loss {num(record.get('loss'), '.4f')}"]
     if record.get("eval_loss") is not None:
         parts.append(f"eval_loss {num(record['eval_loss'], '.4f')}")
-    if last_bpb is not None:
-        parts.append(f"bits/byte {num(last_bpb, '.4f')}")
+    if record.get("bits_per_byte") is not None:
+        parts.append(f"bits/byte {num(record['bits_per_byte'], '.4f')}")
     parts += [f"words/s {num(record.get('words_per_s'), '.0f')}", f"lr {num(record.get('lr'), '.3e')}",
               f"grad_norm {num(record.get('grad_norm'), '.3f')}"]
     if record.get("skipped"):

@@ -102,3 +102,19 @@ def test_release_file_pages_only_touches_file_mappings(tmp_path):
     assert float(mapped.sum()) == float(anon.sum())  # pages read
     assert release_file_pages(mapped) is sys.platform.startswith("linux")
     assert torch.equal(mapped, anon)  # still valid: dropped pages are read again from the file
+
+
+def test_merged_safetensors_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from megatron_tfree.checkpoint.consolidated import merge_parts
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "part0.model.safetensors"))
+    save_file({"b": torch.ones(2)}, str(tmp_path / "part1.model.safetensors"))
+    merge_parts(tmp_path, "model.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert oct((tmp_path / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~mask)  # not 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

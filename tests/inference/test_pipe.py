@@ -215,3 +215,19 @@ def test_echo_hello_world():
     finally:
         torch.set_num_threads(threads)
     assert time.time() - start < 60
+
+
+def test_long_prompt_warns(tfree_pipe, caplog):
+    import logging
+
+    tfree_pipe.trained_length = 4
+    try:
+        with caplog.at_level(logging.WARNING, logger="megatron_tfree.inference.pipe"):
+            tfree_pipe.generate(" ".join(["the cat sat on the mat"] * 4), max_words=2)  # 26 units: 6.5x
+        assert "span 26 units, 6x the 4 the model was trained on" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megatron_tfree.inference.pipe"):
+            tfree_pipe.generate("the cat", max_words=2)
+        assert caplog.text == ""
+    finally:
+        tfree_pipe.trained_length = None
