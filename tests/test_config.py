@@ -98,3 +98,26 @@ def test_string_overrides_keep_their_text():
     assert cfg.tokenizer.tokenizer_file == "1e3"
     with pytest.raises(ConfigError, match="training.lr must be a number"):
         load_config(None, ["training.lr=ROMEO:"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.mlp_factor=.inf", "model.mlp_factor must be a finite number, got inf"),
+    ("model.init_std=nan", "model.init_std must be a finite number, got nan"),
+    ("model.loss_pos_weight=.inf", "model.loss_pos_weight must be a finite number"),
+    ("training.lr=.nan", "training.lr must be a finite number"),
+    ("model.hidden_size=1e9", "model.hidden_size = 1000000000 is beyond any model"),
+    ("model.mlp_factor=1e6", "model.mlp_factor = 1000000.0 is beyond"),
+    ("training.collective_timeout=0", "training.collective_timeout must be > 0"),
+])
+def test_numbers_are_finite_and_in_range_before_anything_is_allocated(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_allocating():
+    from megatron_tfree.training.engine import check_model_fits
+
+    cfg = load_config(None, ["model.hidden_size=65536", "model.num_layers=64", "model.num_attention_heads=64"])
+    with pytest.raises(ConfigError, match=r"fp32 weights alone need [0-9.]+ GiB per rank .* this machine has"):
+        check_model_fits(cfg, 8192)
+    check_model_fits(load_config(None, []), 8192)  # the default tiny model fits

@@ -97,3 +97,15 @@ def test_missing_parquet_column_lists_the_columns(tmp_path):
     pq.write_table(pa.table({"content": ["a"], "id": [1]}), tmp_path / "d.parquet")
     summary = convert_text_files([tmp_path / "d.parquet"], tmp_path / "o", progress=False)
     assert summary.documents_written == 0 and "columns: content, id" in summary.report()
+
+
+def test_existing_output_and_missing_input_are_one_line(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("text")
+    assert convert_main(["text", str(src), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert convert_main(["text", str(src), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert convert_main(["text", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("megatron-tfree-prepare-data: error: refusing to overwrite existing") and "out.bin" in err[0]
+    assert err[1].startswith("megatron-tfree-prepare-data: error: ") and "nowhere" in err[1] and len(err) == 2
