@@ -29,6 +29,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import yaml
+
 LATEST_FILE = "latest"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -69,6 +71,10 @@ def unreadable(tag_dir: str | os.PathLike) -> Optional[str]:
             json.loads(path.read_text())
         except (OSError, ValueError) as e:
             return f"{path}: {e}"
+    try:
+        yaml.safe_load((tag_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        return f"{tag_dir / CONFIG_FILE}: {str(e).splitlines()[0]}"
     for path in sorted(tag_dir.glob("*.pt")):
         try:
             load_weights_only(path, mmap=True)

@@ -2,10 +2,10 @@
 
 * :func:`release_file_pages`: checkpoint files are memory-mapped (``torch.load(mmap=True)``); every page
   of a tensor that was read stays resident (and counts in the process's RSS) until the whole file is
-  unmapped. Once a tensor has been copied or written, its pages are dropped with
-  ``madvise(MADV_DONTNEED)``. That is safe only for clean pages of a private *file* mapping (read again
-  from the file if touched later), so the range is first checked against ``/proc/self/maps``:
-  anonymous memory is never touched.
+  unmapped. Once a tensor has been copied or written, its pages are reclaimed with
+  ``madvise(MADV_PAGEOUT)`` (Linux 5.4+; older kernels keep them): clean pages are dropped and read
+  again from the file if touched later; pages a consumer wrote to (private copies) are never discarded.
+  The range is first checked against ``/proc/self/maps``: only file mappings are advised.
 * :func:`return_freed_memory`: glibc serves blocks below its (adaptive, up to 32 MB) mmap threshold
   from heaps that are seldom given back; converting tensor after tensor then grows the heap. A fixed
   1 MB threshold returns every large buffer to the OS when it is freed. Set by the conversion tools.
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-MADV_DONTNEED = 4
+MADV_PAGEOUT = 21
 M_MMAP_THRESHOLD = -3
 
 
@@ -50,7 +50,8 @@ def _file_mapping_covers(start: int, end: int) -> bool:
 
 def release_file_pages(t: torch.Tensor) -> bool:
     """Drop the resident pages of ``t``'s bytes if they belong to a memory-mapped file (see the module
-    docstring); returns whether it did. The tensor stays valid (pages are re-read on access)."""
+    docstring); returns whether it did. The tensor stays valid, in-place changes included (clean pages
+    are re-read on access)."""
     libc = _libc()
     if libc is None or t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
         return False
@@ -60,7 +61,7 @@ def release_file_pages(t: torch.Tensor) -> bool:
     lo, hi = (start + page - 1) // page * page, end // page * page
     if hi <= lo or not _file_mapping_covers(start, end):
         return False
-    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) == 0
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_PAGEOUT) == 0
 
 
 def return_freed_memory(threshold: int = 1 << 20) -> None:

@@ -35,5 +35,7 @@ def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu", mmap: 
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
+    except OSError as e:  # permissions, a directory, an I/O error: not a format problem
+        raise OSError(f"{path}: cannot be read: {e.strerror or e}") from None
     except Exception as e:  # UnpicklingError (a disallowed global), a truncated zip, ...
         raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from None

@@ -80,7 +80,7 @@ class ConversionSummary:
         lines += [f"  {reason}: {n}" for reason, n in sorted(self.skipped.items())]
         lines += [f"repaired and kept {n} documents: {reason}" for reason, n in sorted(self.repaired.items())]
         if self.examples:
-            lines.append("first skipped:")
+            lines.append("first skipped or repaired:")
             lines += [f"  {e}" for e in self.examples]
         return "\n".join(lines)
 

@@ -145,16 +145,17 @@ class MemoryMap:
 
     @property
     def fingerprint(self) -> str:
-        """A digest of this map's index, its data's size and modification time and sampled data blocks:
-        what caches derived from the map (aligned index, unit counts) are keyed on, so that a re-converted
-        corpus never reuses them (also when its size and document count are the same)."""
+        """A digest of this map's index, its data's size and sampled data blocks: what caches derived from
+        the map (aligned index, unit counts) are keyed on, so that a re-converted corpus does not reuse them
+        (also when its size and document count are the same). Not the modification time: a corpus copied
+        without keeping times (``cp``, ``rsync`` without ``-t``) keeps its caches."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             with open(self.path_idx, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     h.update(chunk)
             st = self.path_bin.stat()
-            h.update(f"{self.dtype.str}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"{self.dtype.str}|{st.st_size}".encode())
             raw = self._data.view(np.uint8) if len(self._data) else np.zeros(0, np.uint8)
             for off in np.linspace(0, max(len(raw) - 4096, 0), num=_SAMPLED_BLOCKS, dtype=np.int64):
                 h.update(raw[int(off) : int(off) + 4096].tobytes())

@@ -52,7 +52,11 @@ class ClassicTarget:
     def __init__(self, reader: CheckpointReader, **_: Any):
         self.reader = reader
         self.tokenizer = reader.tokenizer
-        self.eot_id = int(self.tokenizer.hf_tokenizer.token_to_id(self.tokenizer.end_of_text))
+        eot_id = self.tokenizer.hf_tokenizer.token_to_id(self.tokenizer.end_of_text)
+        if eot_id is None:
+            raise ValueError(f"the classic tokenizer has no end-of-text token {self.tokenizer.end_of_text!r} "
+                             f"(tokenizer.end_of_text)")
+        self.eot_id = int(eot_id)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {}

@@ -142,12 +142,17 @@ class TFreeLM(LM):
         return self.backend.tokenizer.encode(text).units
 
     def _score(self, context: list[str], targets: list[str], extra_words: Sequence[str]) -> tuple[float, bool]:
-        """ln p of ``targets`` after ``[eot] + context`` (the last ``max_length`` words kept), greedy flag."""
+        """ln p of ``targets`` after ``[eot] + context``, greedy flag. Each forward sees at most
+        ``max_length`` words: the targets are scored in chunks of ``max_length``, each after the words just
+        before it (a continuation longer than ``max_length`` is scored window by window)."""
         if not targets:
             return 0.0, True
-        seq = [self.eot] + context + targets[:-1]
-        seq = seq[-self.max_length:]
-        logits = self.backend.unit_logits(seq)[-len(targets):]
+        full = [self.eot] + context + targets
+        rows = []
+        for a in range(len(full) - len(targets), len(full), self.max_length):
+            b = min(a + self.max_length, len(full))  # predict full[a:b] from the words before each
+            rows.append(self.backend.unit_logits(full[max(0, b - 1 - self.max_length):b - 1])[-(b - a):])
+        logits = torch.cat(rows)
         ext = self._extended(tuple(dict.fromkeys([*extra_words, *targets])))
         logp = ext.likelihood_log_probs(logits, self.backend.pos_weight)
         index = torch.as_tensor([ext.index_of(w) for w in targets])

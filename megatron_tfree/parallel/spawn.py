@@ -85,6 +85,16 @@ def run_ranks(fn: Callable, world: int, args: Sequence[Any] = (), timeout: float
                 rank, ok, value = queue.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
             except queue_module.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+                if dead:  # a rank may have posted its result and exited since the get: read the queue once more
+                    try:
+                        rank, ok, value = queue.get(timeout=1.0)
+                    except queue_module.Empty:
+                        pass
+                    else:
+                        if not ok:
+                            raise RuntimeError(f"{what}: rank {rank} of {world} failed:\n{value}") from None
+                        results[rank] = value
+                        continue
                 if dead:  # died without reporting (killed, or could not even start): do not wait for the timeout
                     raise RuntimeError(f"{what}: rank {dead[0]} of {world} exited with code {procs[dead[0]].exitcode} "
                                        f"without a result (see its output above)") from None

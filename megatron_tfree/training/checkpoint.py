@@ -174,17 +174,26 @@ def find_resume(cfg: Any) -> Optional[tuple[Path, str]]:
 
 
 def prune_checkpoints(root: Path, keep: int, every: int) -> list[str]:
-    """Delete all but the newest ``keep`` complete checkpoints of ``root`` (0: keep all), never the one
-    ``latest`` names nor a step that is a multiple of ``every``; returns the deleted tags."""
+    """Delete all but ``keep`` complete checkpoints of ``root`` (0: keep all), counted down from the one
+    ``latest`` names (kept), never a step that is a multiple of ``every``; returns the deleted tags.
+    Checkpoints newer than ``latest`` (a run rolled back to an earlier one, or the fallback from an
+    unreadable one) are neither counted nor deleted: the run replaces them when it gets there again."""
     if keep <= 0:
         return []
     latest = read_latest(root)
+    if latest is None or step_of(latest) is None:
+        return []
+    tags = [t for t in complete_tags(root) if (step_of(t) or 0) <= step_of(latest)]
     deleted = []
-    for tag in complete_tags(root)[keep:]:
+    for tag in tags[keep:]:
         step = step_of(tag) or 0
         if tag == latest or (every and step % every == 0):
             continue
-        shutil.rmtree(root / tag, ignore_errors=True)
+        try:
+            shutil.rmtree(root / tag)
+        except OSError as e:
+            print(f"WARNING: could not remove old checkpoint {root / tag}: {e}", file=sys.stderr, flush=True)
+            continue
         deleted.append(tag)
     return deleted
 

@@ -181,16 +181,19 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> GuardedAdamW:
 
 def check_model_fits(cfg: Config, vocab_size: int) -> None:
     """Refuse, before allocating anything, a model whose fp32 weights alone (this rank's share) exceed the
-    memory of this machine (CPU) or device (CUDA): e.g. ``model.hidden_size=1e5`` asks for terabytes."""
+    memory of this machine (every rank builds its part on the CPU first) or, unless ZeRO-3 partitions the
+    weights over the data-parallel ranks afterwards, of its GPU: e.g. ``model.hidden_size=1e5`` asks for
+    terabytes."""
     from megatron_tfree.plan import block_params
 
     m, p = cfg.model, cfg.parallel
     params = m.num_layers * block_params(cfg) + 2 * vocab_size * m.hidden_size + m.hidden_size
     need = 4 * params / (p.tensor * p.pipe)
-    if torch.cuda.is_available():
-        have, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this GPU"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if torch.cuda.is_available() and p.zero_stage < 3:
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if gpu < have:
+            have, where = gpu, "this GPU"
     if need > have:
         raise ConfigError(f"the model has {params / 1e9:.2f}B parameters: its fp32 weights alone need "
                           f"{need / 2**30:.1f} GiB per rank (parallel.tensor={p.tensor}, parallel.pipe={p.pipe}), "

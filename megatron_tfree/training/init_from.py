@@ -20,7 +20,9 @@ from megatron_tfree.config import Config, ConfigError
 from megatron_tfree.model.transformer import mlp_inner_size
 
 
-def _structure(cfg: Config) -> dict[str, Any]:
+def weight_structure(cfg: Config) -> dict[str, Any]:
+    """The config values that decide the shapes and meaning of the weights (``training.init_from`` needs
+    them equal; resuming needs these and more, :mod:`.resume_check`)."""
     m = cfg.model
     return {"model.hidden_size": m.hidden_size, "model.num_layers": m.num_layers,
             "model.num_attention_heads": m.num_attention_heads,
@@ -35,7 +37,7 @@ def open_source(cfg: Config) -> CheckpointReader:
         reader = CheckpointReader(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"training.init_from={path}: {e}") from None
-    mine, theirs = _structure(cfg), _structure(reader.cfg)
+    mine, theirs = weight_structure(cfg), weight_structure(reader.cfg)
     for key, value in mine.items():
         if theirs[key] != value:
             raise ConfigError(f"training.init_from={path}: {key} is {value!r} here but {theirs[key]!r} in the "

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from megatron_tfree.checkpoint.lock import SaveDirBusy, SaveDirLock
 from megatron_tfree.config import Config
-from megatron_tfree.errors import UserError
+from megatron_tfree.errors import EXPECTED_ERRORS, UserError
+from megatron_tfree.parallel.host import all_reduce_host
 from megatron_tfree.training import checkpoint as ckpt
 from megatron_tfree.training import init_from
 from megatron_tfree.training.resume_check import check_resume
@@ -100,13 +101,34 @@ def bits_per_byte_fn(tokenizer: Any, cfg: Config, loader: Any) -> BitsFn:
 # --------------------------------------------------------------------------------------------------
 
 
-def _rank0_first(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0, then on the other ranks (shared caches are built once)."""
+def _rank0_first(fn: Callable[[], Any], what: str, timeout: float) -> Any:
+    """Run ``fn`` on rank 0, then on the other ranks (shared caches are built once); ``what`` names the
+    wait in a timeout."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = fn() if rank == 0 else None
     if dist.is_initialized():
-        dist.barrier()
+        with _collectives(f"waiting for rank 0 ({what})", 0, timeout):
+            dist.barrier()
     return out if rank == 0 else fn()
+
+
+def _rank0_decides(fn: Callable[[], Any], what: str, timeout: float) -> Any:
+    """``fn()`` computed on rank 0 and sent to every rank (an expected error on rank 0 is raised on all):
+    decisions that read shared files, such as which checkpoint to resume, must agree."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except EXPECTED_ERRORS as e:
+            box[0] = ("error", e)
+    with _collectives(f"waiting for rank 0 ({what})", 0, timeout):
+        dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def _make_tokenizer(cfg: Config, resume: Optional[tuple[Path, str]], init: Any) -> Any:
@@ -159,7 +181,7 @@ def _own_save_dir(cfg: Config, rank: int) -> Optional[SaveDirLock]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         flag = torch.tensor([1 if error is not None else 0])
         with _collectives("taking the save dir", 0, cfg.training.collective_timeout):
-            dist.all_reduce(flag)
+            all_reduce_host(flag)
         if error is None and flag.item():
             error = SaveDirBusy(f"{cfg.training.save_dir} is in use by another run (rank 0 says who)")
     if error is not None:
@@ -193,10 +215,10 @@ def _train(cfg: Config, layout: Any, lock: Optional[SaveDirLock], stop_after: Op
     t = cfg.training
     rank, dp_rank, dp_world = layout.rank, layout.dp_rank, layout.dp
     save_dir = Path(t.save_dir)
-    resume = ckpt.find_resume(cfg)
+    resume = _rank0_decides(lambda: ckpt.find_resume(cfg), "choosing the checkpoint to resume", t.collective_timeout)
     changes = check_resume(cfg, resume[0] / resume[1], dist.get_world_size()) if resume is not None else []
     init = init_from.open_source(cfg) if resume is None and t.init_from else None
-    tokenizer = _rank0_first(lambda: _make_tokenizer(cfg, resume, init))
+    tokenizer = _rank0_first(lambda: _make_tokenizer(cfg, resume, init), "the tokenizer", t.collective_timeout)
     model = build_model(cfg, tokenizer.vocab_size)
     if init is not None:
         init_from.load_weights(model, init)
@@ -218,9 +240,11 @@ def _train(cfg: Config, layout: Any, lock: Optional[SaveDirLock], stop_after: Op
     metrics = MetricsLogger(save_dir, enabled=rank == 0, tensorboard=t.tensorboard, truncate_to=truncate,
                             fresh=truncate is None)
     loader = _rank0_first(lambda: build_dataloader(cfg, tokenizer, dp_rank, dp_world, state.consumed_samples,
-                                                   split="train", progress=rank == 0))
+                                                   split="train", progress=rank == 0),
+                          "the training data index", t.collective_timeout)
     valid = _rank0_first(lambda: build_dataloader(cfg, tokenizer, dp_rank, dp_world, 0, split="valid",
-                                                  progress=False)) if t.eval_iterations > 0 else None
+                                                  progress=False),
+                         "the validation data index", t.collective_timeout) if t.eval_iterations > 0 else None
     result = TrainResult(step=state.step, skipped_steps=state.skipped_steps, save_dir=save_dir)
     last = min(t.train_iterations, stop_after) if stop_after else t.train_iterations
     samples_per_step = t.micro_batch_size * gas * dp_world

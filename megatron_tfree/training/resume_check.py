@@ -16,9 +16,9 @@ from typing import Any
 from megatron_tfree.checkpoint.consolidated import is_consolidated
 from megatron_tfree.checkpoint.files import CONFIG_FILE, TrainerState
 from megatron_tfree.config import Config, ConfigError, load_config
-from megatron_tfree.model.transformer import mlp_inner_size
+from megatron_tfree.training.init_from import weight_structure
 
-MODEL_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "bias", "norm_eps", "rotary_embedding_base")
+MODEL_KEYS = ("norm_eps", "rotary_embedding_base")  # beyond the weights' structure
 TFREE_TOKENIZER_KEYS = ("kind", "vocab_size", "vocab_population", "vocab_population_partial_lowercase", "initialize",
                         "seed", "lowercase", "entire_words", "end_of_text")
 DATA_KEYS = ("prefix_paths", "valid_prefix_paths", "finetuning", "seq_len", "aligned_max_bytes", "seed")
@@ -27,10 +27,8 @@ LAYOUT_KEYS = ("parallel.tensor", "parallel.pipe", "parallel.zero_stage", "train
 
 def _fixed(cfg: Config) -> dict[str, Any]:
     """The values that must not change on resume."""
-    m = cfg.model
-    out = {f"model.{k}": getattr(m, k) for k in MODEL_KEYS}
-    out["model.num_kv_heads"] = m.num_kv_heads or m.num_attention_heads
-    out["model.ffn_hidden_size"] = mlp_inner_size(m)  # mlp_factor or ffn_hidden_size: the size counts
+    out = weight_structure(cfg)  # ffn_hidden_size: mlp_factor or ffn_hidden_size, the size counts
+    out.update({f"model.{k}": getattr(cfg.model, k) for k in MODEL_KEYS})
     keys = TFREE_TOKENIZER_KEYS if cfg.tokenizer.kind == "tfree" else ("kind", "end_of_text")
     out.update({f"tokenizer.{k}": getattr(cfg.tokenizer, k) for k in keys})
     out.update({f"data.{k}": getattr(cfg.data, k) for k in DATA_KEYS})
@@ -56,9 +54,12 @@ def check_resume(cfg: Config, tag_dir: Path, world_size: int) -> list[str]:
     if not is_consolidated(tag_dir):
         state_world = TrainerState.read(tag_dir).world_size
         layout = [f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in LAYOUT_KEYS if new[k] != old[k]]
-        if cfg.parallel.zero_stage > 0 and world_size != state_world:
-            layout.append(f"world size: {state_world} in the checkpoint, {world_size} now (ZeRO partitions the "
-                          f"optimizer state over the data-parallel ranks)")
+        # ZeRO, and DeepSpeed's bf16 optimizer (used with a pipeline), split the optimizer state over the
+        # data-parallel ranks
+        partitioned = cfg.parallel.zero_stage > 0 or (cfg.parallel.pipe > 1 and cfg.training.precision == "bf16")
+        if partitioned and world_size != state_world:
+            layout.append(f"world size: {state_world} in the checkpoint, {world_size} now (the optimizer state is "
+                          f"partitioned over the data-parallel ranks)")
         if layout:
             raise ConfigError(f"cannot resume the DeepSpeed checkpoint {tag_dir} at another layout:\n  " +
                               "\n  ".join(layout) + f"\nconvert it first: python tools/convert_checkpoint.py "

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tfree.parallel import state as pstate
+from megatron_tfree.parallel.host import all_reduce_host
 
 # (model, batch, logits) -> (bits, bytes) summed over the positions with loss weight > 0
 BitsFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[float, float]]
@@ -38,9 +39,7 @@ def counts_here() -> bool:
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+    return all_reduce_host(t)
 
 
 def _count_words(batch: Any, word_counts: Counter) -> float:
@@ -123,7 +122,7 @@ def _grad_norm_stage0(engine: Any) -> float:
             squares += float(p.grad.detach().double().pow(2).sum())
     group = engine.mpu.get_model_parallel_group() if is_pipeline(engine) else st.tp_group
     if dist.is_initialized() and group is not None:
-        dist.all_reduce(squares, group=group)
+        all_reduce_host(squares, group=group)
     return float(squares.sqrt())
 
 

@@ -102,6 +102,9 @@ def test_release_file_pages_only_touches_file_mappings(tmp_path):
     assert float(mapped.sum()) == float(anon.sum())  # pages read
     assert release_file_pages(mapped) is sys.platform.startswith("linux")
     assert torch.equal(mapped, anon)  # still valid: dropped pages are read again from the file
+    mapped.mul_(5)  # a consumer editing in place keeps its edit (private copies are never discarded)
+    release_file_pages(mapped)
+    assert torch.equal(mapped, anon * 5)
 
 
 def test_merged_safetensors_get_the_usual_file_mode(tmp_path):

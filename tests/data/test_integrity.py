@@ -6,6 +6,9 @@ columns there are."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -52,6 +55,9 @@ def test_reconverted_corpus_rebuilds_aligned_index_and_unit_counts(tmp_path):
     prefix = _map(tmp_path, ["aaaa bbbb. cccc dddd. "] * 3)
     first = PretrainingDataset(ensure_aligned_index(prefix, 16), tok, seq_len=4)
     units_before = int(first.item_units.sum())
+    bin_path = Path(f"{prefix}.bin")
+    os.utime(bin_path, (bin_path.stat().st_atime + 3600, bin_path.stat().st_mtime + 3600))  # copied without times
+    assert len(AlignedMemoryMap(prefix, 16)) == len(first.aligned)  # the index is still valid: no rebuild
     # different text, same byte size and document count (so the same lengths and an identical .idx)
     with MemoryMapBuilder(prefix, overwrite=True) as b:
         for _ in range(3):

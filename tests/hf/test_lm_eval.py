@@ -153,6 +153,15 @@ def test_tfree_requests_directly(runs):
         req("loglikelihood", ("The king", ""))])
     assert wrong < right < 0 and isinstance(greedy, bool) and (empty, g2) == (0.0, True)
     text = " ".join(SENTENCES)  # 33 words: windows of at most 8
+    # a continuation longer than max_length (it used to fail) is scored in chunks of 8 words, each after the 8
+    # words before it: the sum of scoring each chunk alone after everything before it
+    ((whole, _),) = lm.loglikelihood([req("loglikelihood", ("The king", " " + text))])
+    context, targets = lm.units("The king"), lm.units("The king " + text)[len(lm.units("The king")):]
+    extra = list(dict.fromkeys(context + targets))
+    assert len(targets) > 24 and whole < 0
+    assert lm._score(context, targets, extra)[0] == pytest.approx(whole, rel=1e-6)
+    chunks = [lm._score(context + targets[:k], targets[k:k + 8], extra)[0] for k in range(0, len(targets), 8)]
+    assert whole == pytest.approx(sum(chunks), rel=1e-5)
     rolling = lm.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])[0]
     assert rolling < 0
     long_context = TFreeLM(runs["tfree", True], max_length=64)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tfree.checkpoint.lock import LOCK_FILE, SaveDirBusy, SaveDirLock
+from megatron_tfree.checkpoint import lock as lock_module
+from megatron_tfree.checkpoint.lock import LOCK_FILE, TAKEOVER_FILE, SaveDirBusy, SaveDirLock
 from megatron_tfree.config import ConfigError
 from megatron_tfree.training.checkpoint import CheckpointError
 from megatron_tfree.training.engine import free_port
@@ -89,17 +90,65 @@ def test_stale_locks_are_taken_over(tmp_path):
     assert "has not refreshed it for" in SaveDirLock(tmp_path, stale_after=600).acquire()
 
     os.environ["SLURM_JOB_ID"] = "4242"
+    os.environ["SLURM_RESTART_COUNT"] = "1"
     try:
-        path.write_text(json.dumps({**live.me.__dict__, "run_id": "other", "host": "node-b", "pid": 1,
-                                    "slurm_job_id": "4242", "heartbeat": time.time()}))
+        other = {**live.me.__dict__, "run_id": "other", "host": "node-b", "pid": 1, "slurm_job_id": "4242",
+                 "heartbeat": time.time()}
+        path.write_text(json.dumps({**other, "slurm_restart": 1}))  # a second srun in the same allocation
+        with pytest.raises(SaveDirBusy, match="SLURM job 4242"):
+            SaveDirLock(tmp_path).acquire()
+        path.write_text(json.dumps({**other, "slurm_restart": 0}))  # the instance before the requeue
         assert "requeued" in SaveDirLock(tmp_path).acquire()
     finally:
-        del os.environ["SLURM_JOB_ID"]
+        del os.environ["SLURM_JOB_ID"], os.environ["SLURM_RESTART_COUNT"]
+    # a dead PID in another PID namespace (another container on this host) says nothing: the heartbeat decides
+    path.write_text(json.dumps({**live.me.__dict__, "run_id": "other", "pid": dead.pid, "pid_ns": "pid:[1]",
+                                "heartbeat": time.time()}))
+    with pytest.raises(SaveDirBusy, match="in use by another run"):
+        SaveDirLock(tmp_path).acquire()
     lock = SaveDirLock(tmp_path)
     path.unlink()
     lock.acquire()
     lock.release()
     assert not path.exists()
+
+
+def test_lock_being_written_or_taken_over_is_busy(tmp_path):
+    path = tmp_path / LOCK_FILE
+    path.write_text("")  # another run between its O_EXCL create and writing the owner
+    with pytest.raises(SaveDirBusy, match="writing its lock right now"):
+        SaveDirLock(tmp_path).acquire()
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    takeover = tmp_path / TAKEOVER_FILE
+    takeover.write_text("someone")  # another run is taking the stale lock over right now
+    with pytest.raises(SaveDirBusy, match="taking over its stale lock right now"):
+        SaveDirLock(tmp_path).acquire()
+    os.utime(takeover, (old, old))  # ... or crashed doing so, long ago
+    lock = SaveDirLock(tmp_path)
+    assert "unreadable lock file" in lock.acquire()
+    assert json.loads(path.read_text())["run_id"] == lock.me.run_id and not takeover.exists()
+    lock.release()
+
+
+def test_heartbeat_thread_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    lock = SaveDirLock(tmp_path)
+    lock.acquire()
+    path = tmp_path / LOCK_FILE
+    first = json.loads(path.read_text())["heartbeat"]
+    deadline = time.time() + 10
+    while json.loads(path.read_text())["heartbeat"] == first and time.time() < deadline:
+        time.sleep(0.02)
+    assert json.loads(path.read_text())["heartbeat"] > first  # refreshed without any training step
+    lock.heartbeat()  # still ours
+    path.write_text(json.dumps({**lock.me.__dict__, "run_id": "thief", "host": "node-c"}))
+    while lock.lost is None and time.time() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(SaveDirBusy, match="taken over by another run .*node-c"):
+        lock.heartbeat()
+    lock.release()
+    assert path.exists()  # the thief's lock is not removed
 
 
 def test_new_run_keeps_old_metrics_aside(tiny_cfg):
@@ -225,3 +274,17 @@ def test_log_lines_show_bits_per_byte_only_when_evaluated():
     evaluated = format_line({"step": 4, "loss": 1.0, "eval_loss": 0.9, "bits_per_byte": 2.25, "lr": 1e-3,
                              "grad_norm": 0.5, "words_per_s": 10.0}, 10)
     assert "bits/byte" not in plain and "bits/byte 2.2500" in evaluated and "eval_loss 0.9000" in evaluated
+
+
+def test_retention_counts_down_from_latest_after_a_rollback(tmp_path):
+    from megatron_tfree.checkpoint.files import STATE_FILE, write_latest
+    from megatron_tfree.training.checkpoint import prune_checkpoints
+
+    for step in (100, 200, 300, 400, 500, 150):  # 300-500 diverged; the run rolled back to 100 and saved 150
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / STATE_FILE).write_text("{}")
+    write_latest(tmp_path, "step_150")
+    assert prune_checkpoints(tmp_path, keep=2, every=0) == []  # 150 and 100 are the two newest up to latest
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [f"step_{s}" for s in (100, 150, 200, 300, 400, 500)]
+    assert prune_checkpoints(tmp_path, keep=1, every=0) == ["step_100"]  # newer than latest: not counted, kept
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [f"step_{s}" for s in (150, 200, 300, 400, 500)]
