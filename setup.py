@@ -112,6 +112,7 @@ setup(
             "megatron-tfree-import=megatron_tfree.import_checkpoint:main",
             "megatron-tfree-eval=megatron_tfree.eval:main",
             "megatron-tfree-toklab=megatron_tfree.toklab.__main__:main",
+            "megatron-tfree-inherit=megatron_tfree.inherit.__main__:main",
         ],
     },
 )

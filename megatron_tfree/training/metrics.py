@@ -155,3 +155,47 @@ def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> P
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def eval_curve(run_dirs: list[str | os.PathLike], key: str = "bits_per_byte") -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` at every evaluation of a run, the untrained one at step 0; several
+    runs are chained (each continuing the previous, e.g. a second training round started from the first
+    with ``training.init_from``): a later run's steps are counted on from the previous run's last step,
+    and its untrained evaluation is left out (it repeats the previous run's last weights)."""
+    curve: list[tuple[int, float]] = []
+    offset = 0
+    for i, run in enumerate(run_dirs):
+        path = Path(run) / "metrics.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (not a run directory?)")
+        records = read_metrics(path)
+        if i == 0 and records and records[0].get(f"initial_{key}") is not None:
+            curve.append((0, float(records[0][f"initial_{key}"])))
+        curve += [(offset + r["step"], float(r[key])) for r in records if r.get(key) is not None]
+        offset += max((r["step"] for r in records if "step" in r), default=0)
+    return curve
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], out_path: str | os.PathLike,
+                ylabel: str = "held-out bits per byte", xlabel: str = "step") -> Path:
+    """One line per named curve into a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=name, markersize=4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out_path)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
