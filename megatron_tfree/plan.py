@@ -3,6 +3,11 @@
     python -m megatron_tfree.plan --config configs/7b_fineweb.yaml --nodes 32 --gpus-per-node 8
     python -m megatron_tfree.plan --config configs/7b_fineweb.yaml --nodes 4 parallel.tensor=2 \\
         parallel.pipe=2 --json plan.json
+    python -m megatron_tfree.plan --sweep --params 1e9 --config configs/1b.yaml --nodes 8 --plot sweep.png
+
+``--sweep`` lists the depth / width / vocabulary configurations of a parameter budget with their
+parameters, FLOPs per word, memory per GPU (this module's formulas) and the measured CPU throughput
+of scaled-down twins: :mod:`megatron_tfree.sweep`.
 
 Nothing is instantiated and no GPU is needed: everything is computed from config formulas that mirror
 the real model (``megatron_tfree/model``; a test checks the parameter formula against
@@ -347,30 +352,56 @@ def format_plan(plan: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-tfree-plan",
-        description="Check a parallel layout and estimate parameters and memory per GPU (no GPU needed).",
+        description="Check a parallel layout and estimate parameters and memory per GPU (no GPU needed); "
+                    "--sweep: list the model shapes of a parameter budget.",
         epilog="Example: python -m megatron_tfree.plan --config configs/7b_fineweb.yaml --nodes 32 "
                "--gpus-per-node 8 parallel.tensor=2",
     )
-    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--config", default=None,
+                   help="YAML config file (required; with --sweep the base config, default: built-in defaults)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for the fits/does-not-fit line")
     p.add_argument("--attention", choices=["flash", "sdpa"], default=None,
                    help="attention kernel assumed (default: flash unless model.attention=sdpa)")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the plan as JSON")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="also write the plan (or sweep) as JSON; - prints it to stdout instead of the table")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    from megatron_tfree.sweep import add_arguments
+
+    add_arguments(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    from megatron_tfree import sweep
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.sweep:
+        given = [name for name in sweep.SWEEP_ONLY if getattr(args, name) is not None]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} needs --sweep")
+        if args.config is None:
+            parser.error("--config is required (unless --sweep)")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.sweep:
+            result = sweep.run_sweep(cfg, sweep.options_from_args(args, cfg))
+            try:
+                print(sweep.write_outputs(result, args.json, args.plot))
+            except OSError as e:
+                print(f"megatron-tfree-plan: cannot write the sweep: {e}", file=sys.stderr)
+                return 2
+            return 0
         flash = None if args.attention is None else args.attention == "flash"
         plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_memory, flash)
     except ConfigError as e:
         print(f"megatron-tfree-plan: {e}", file=sys.stderr)
         return 2
+    if args.json == "-":
+        print(json.dumps(plan, indent=1))
+        return 0
     print(format_plan(plan))
     if args.json:
         with open(args.json, "w") as f:

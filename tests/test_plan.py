@@ -164,3 +164,11 @@ def test_cli_help_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "megatron_tfree.plan", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--gpus-per-node" in out.stdout and "--json" in out.stdout
+
+
+def test_cli_json_to_stdout_and_config_required(capsys):
+    assert main(["--config", SEVEN_B, "--nodes", "32", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["world"] == 256
+    with pytest.raises(SystemExit) as e:
+        main(["--nodes", "2"])
+    assert e.value.code == 2 and "--config is required (unless --sweep)" in capsys.readouterr().err
