@@ -113,6 +113,7 @@ setup(
             "megatron-tfree-eval=megatron_tfree.eval:main",
             "megatron-tfree-toklab=megatron_tfree.toklab.__main__:main",
             "megatron-tfree-inherit=megatron_tfree.inherit.__main__:main",
+            "megatron-tfree-multiround=megatron_tfree.multiround.__main__:main",
         ],
     },
 )

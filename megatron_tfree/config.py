@@ -93,6 +93,10 @@ class DataConfig:
     cache_dir: str = ""  # default corpus cache; "" = $MEGATRON_TFREE_CACHE or ~/.cache/megatron_tfree
     num_workers: int = 0
     seed: int = 42
+    # multiple-round training: a sample index (.npy of training-set sample ids, written by
+    # `python -m megatron_tfree.multiround sample`); when set, training reads exactly these ids in this
+    # order, repeated, instead of the shuffled epochs of data.seed ("" = the normal order)
+    sample_index: str = ""
 
 
 @dataclass
@@ -379,6 +383,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("data.num_workers", f"must be >= 0, got {d.num_workers}")
     if d.finetuning and not d.prefix_paths:
         bad("data.finetuning", "needs data.prefix_paths (instruction data converted with tools/prepare_instruct.py)")
+    if d.sample_index and not d.sample_index.endswith(".npy"):
+        bad("data.sample_index", f"must name a .npy sample index (python -m megatron_tfree.multiround sample --out "
+            f"NAME.npy), got {d.sample_index!r}")
 
     for name in ("train_iterations", "micro_batch_size", "gradient_accumulation_steps", "save_interval",
                  "log_interval", "eval_interval"):

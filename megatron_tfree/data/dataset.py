@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..tokenizer.base import SparseIds, Tokenizer
 from .aligned import AlignedMemoryMap
 from .batch import Batch
-from .sampler import ResumableSampler
+from .sampler import IndexSampler, ResumableSampler
 from .unit_bytes import END_OF_TEXT_BYTES, unit_byte_counts
 
 UNITS_CACHE_VERSION = 1
@@ -391,15 +391,25 @@ def build_dataloader(cfg: Any, tokenizer: Tokenizer, dp_rank: int = 0, dp_world:
     """An endless DataLoader of :class:`Batch` for this data-parallel rank (None: no such split).
 
     Batches hold ``cfg.training.micro_batch_size`` samples in the order of
-    :class:`ResumableSampler` (seed ``cfg.data.seed``), resuming after ``consumed_samples`` global
-    samples; iterating it again starts again at ``consumed_samples`` (so validation, built with 0,
-    sees the same batches at every evaluation). Workers: ``cfg.data.num_workers``.
+    :class:`ResumableSampler` (seed ``cfg.data.seed``), or for the train split with
+    ``cfg.data.sample_index`` set, of :class:`IndexSampler` over that index (checked against this
+    dataset: :func:`megatron_tfree.multiround.index.read_sample_index`), resuming after
+    ``consumed_samples`` global samples; iterating it again starts again at ``consumed_samples`` (so
+    validation, built with 0, sees the same batches at every evaluation). Workers: ``cfg.data.num_workers``.
     """
     dataset = build_dataset(cfg, tokenizer, split, progress=progress)
     if dataset is None:
         return None
-    sampler = ResumableSampler(len(dataset), seed=cfg.data.seed, dp_rank=dp_rank, dp_world=dp_world,
-                               consumed_samples=consumed_samples, shuffle=True)
+    if split == "train" and cfg.data.sample_index:  # a round of multiple-round training: the order is given
+        from ..multiround.index import data_fingerprint, read_sample_index
+
+        order = read_sample_index(cfg.data.sample_index, len(dataset),
+                                  data_fingerprint(cfg, tokenizer, len(dataset)))
+        sampler: torch.utils.data.Sampler = IndexSampler(order, dp_rank=dp_rank, dp_world=dp_world,
+                                                         consumed_samples=consumed_samples)
+    else:
+        sampler = ResumableSampler(len(dataset), seed=cfg.data.seed, dp_rank=dp_rank, dp_world=dp_world,
+                                   consumed_samples=consumed_samples, shuffle=True)
     workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.training.micro_batch_size, sampler=sampler,
                                        num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)

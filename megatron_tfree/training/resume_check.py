@@ -21,7 +21,7 @@ from megatron_tfree.training.init_from import weight_structure
 MODEL_KEYS = ("norm_eps", "rotary_embedding_base")  # beyond the weights' structure
 TFREE_TOKENIZER_KEYS = ("kind", "vocab_size", "vocab_population", "vocab_population_partial_lowercase", "initialize",
                         "seed", "lowercase", "entire_words", "end_of_text")
-DATA_KEYS = ("prefix_paths", "valid_prefix_paths", "finetuning", "seq_len", "aligned_max_bytes", "seed")
+DATA_KEYS = ("prefix_paths", "valid_prefix_paths", "finetuning", "seq_len", "aligned_max_bytes", "seed", "sample_index")
 LAYOUT_KEYS = ("parallel.tensor", "parallel.pipe", "parallel.zero_stage", "training.precision")
 
 
