@@ -393,7 +393,7 @@ def build_dataloader(cfg: Any, tokenizer: Tokenizer, dp_rank: int = 0, dp_world:
     Batches hold ``cfg.training.micro_batch_size`` samples in the order of
     :class:`ResumableSampler` (seed ``cfg.data.seed``), or for the train split with
     ``cfg.data.sample_index`` set, of :class:`IndexSampler` over that index (checked against this
-    dataset: :func:`megatron_tfree.multiround.index.read_sample_index`), resuming after
+    dataset: :func:`megatron_tfree.data.round_index.read_sample_index`), resuming after
     ``consumed_samples`` global samples; iterating it again starts again at ``consumed_samples`` (so
     validation, built with 0, sees the same batches at every evaluation). Workers: ``cfg.data.num_workers``.
     """
@@ -401,7 +401,7 @@ def build_dataloader(cfg: Any, tokenizer: Tokenizer, dp_rank: int = 0, dp_world:
     if dataset is None:
         return None
     if split == "train" and cfg.data.sample_index:  # a round of multiple-round training: the order is given
-        from ..multiround.index import data_fingerprint, read_sample_index
+        from .round_index import data_fingerprint, read_sample_index
 
         order = read_sample_index(cfg.data.sample_index, len(dataset),
                                   data_fingerprint(cfg, tokenizer, len(dataset)))

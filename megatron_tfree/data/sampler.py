@@ -129,7 +129,7 @@ class IndexSampler(_ShardedOrder):
 
     Args:
         order: 1-D sample ids in training order (validated by the caller against the dataset size;
-            see :func:`megatron_tfree.multiround.index.read_sample_index`).
+            see :func:`megatron_tfree.data.round_index.read_sample_index`).
         dp_rank, dp_world, consumed_samples, num_epochs: as for :class:`ResumableSampler`; an epoch is
             one pass over ``order``.
     """

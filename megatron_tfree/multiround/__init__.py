@@ -5,7 +5,7 @@ A round, with the checkpoint ``CKPT`` of the previous one frozen:
 
 1. *score* (:mod:`.score`): one loss per training batch over an epoch, a *batch* being a global batch
    of the trainer (``B`` consecutive positions of its sample order), distributed over processes,
-   resumable, written to a scores directory (:mod:`.index`)::
+   resumable, written to a scores directory (:mod:`megatron_tfree.data.round_index`)::
 
        python -m megatron_tfree.multiround score --checkpoint CKPT --out INDEX_DIR [--batches N]
 
@@ -22,7 +22,7 @@ A round, with the checkpoint ``CKPT`` of the previous one frozen:
 Importing this package is light (numpy, the config); :mod:`.score` brings in torch and the model.
 """
 
-from .index import data_fingerprint, read_sample_index, read_scores, write_sample_index
+from ..data.round_index import data_fingerprint, read_sample_index, read_scores, write_sample_index
 from .sample import draw_batches, make_sample_index, probabilities
 
 __all__ = ["data_fingerprint", "draw_batches", "make_sample_index", "probabilities", "read_sample_index",

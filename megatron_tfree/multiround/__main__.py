@@ -73,7 +73,7 @@ def _sample_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     p.add_argument("--out", required=True, help="the sample index to write (NAME.npy, plus NAME.json)")
 
     def run(a: argparse.Namespace) -> str:
-        from .index import sidecar_path
+        from ..data.round_index import sidecar_path
         from .sample import make_sample_index
 
         path, info = make_sample_index(a.scores, a.temperature, a.batches, a.seed, a.out, order=a.order)

@@ -13,7 +13,7 @@ descending order of key, are distributed exactly as ``N0`` successive draws (Yel
 underflow to 0 for all but the largest loss (and ``choice`` would refuse), the draw still returns
 ``N0`` distinct batches, in the ``T -> 0`` limit the ``N0`` highest losses in descending order.
 
-The sample index (:func:`megatron_tfree.multiround.index.write_sample_index`) holds the sample ids
+The sample index (:func:`megatron_tfree.data.round_index.write_sample_index`) holds the sample ids
 of the chosen batches, flattened, each batch's ids together and in the trainer's order. The batches
 come in a seeded random order (``order="shuffle"``, the default; the same generator, after the draw):
 draw order puts the high-loss batches first and would make the round a curriculum. ``order="draw"``
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .index import read_scores, write_sample_index
+from ..data.round_index import read_scores, write_sample_index
 
 ORDERS = ("shuffle", "draw")
 

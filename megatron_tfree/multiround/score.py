@@ -27,7 +27,7 @@ batches (or ``flush_seconds``), with every batch it holds so far. A rerun (with 
 processes) reads all parts, keeps what belongs to the same job (checkpoint, data fingerprint, batch
 size, micro-batch size, seed, epoch, number of batches: its *key*) and scores only the rest; parts of
 another job are an error. When every batch is scored, rank 0 writes ``batches.npy``, ``scores.npy``
-and last ``scores.json`` (:mod:`.index`) and removes ``parts/``; a rerun on a complete directory of the
+and last ``scores.json`` (:mod:`megatron_tfree.data.round_index`) and removes ``parts/``; a rerun on a complete directory of the
 same job does nothing.
 
 Which data: the training split of the config: the checkpoint's own ``config.yaml``, or another config
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .index import (BATCHES_NPY, PARTS_DIR, SCORES_FORMAT, SCORES_JSON, SCORES_NPY, VERSION, data_fingerprint, job_key,
+from ..data.round_index import (BATCHES_NPY, PARTS_DIR, SCORES_FORMAT, SCORES_JSON, SCORES_NPY, VERSION, data_fingerprint, job_key,
                     load_json, save_json, save_npy, save_npz)
 
 LOSS_DEFINITION = ("mean over the batch's consecutive micro-batches of the model's training loss (frozen weights, "

@@ -8,7 +8,7 @@ import pytest
 from scipy.special import chdtrc
 
 from megatron_tfree.config import ConfigError
-from megatron_tfree.multiround.index import (INDEX_FORMAT, SCORES_FORMAT, read_sample_index, save_json, save_npy,
+from megatron_tfree.data.round_index import (INDEX_FORMAT, SCORES_FORMAT, read_sample_index, save_json, save_npy,
                                              sidecar_path)
 from megatron_tfree.multiround.sample import draw_batches, effective_batches, make_sample_index, probabilities
 

@@ -9,7 +9,7 @@ from megatron_tfree.config import Config, ConfigError
 from megatron_tfree.data.dataset import build_dataloader, collate
 from megatron_tfree.data.sampler import IndexSampler
 from megatron_tfree.data.sources import tokenizer_for_config
-from megatron_tfree.multiround.index import data_fingerprint, write_sample_index
+from megatron_tfree.data.round_index import data_fingerprint, write_sample_index
 
 ORDER = np.array([7, 3, 3, 0, 9, 12, 5, 1, 8, 2, 11], dtype=np.int64)  # repeats allowed: it is an order
 

@@ -12,7 +12,7 @@ from megatron_tfree.checkpoint.reader import CheckpointReader
 from megatron_tfree.data.dataset import build_dataset, collate
 from megatron_tfree.data.sampler import ResumableSampler
 from megatron_tfree.multiround.__main__ import main
-from megatron_tfree.multiround.index import read_scores
+from megatron_tfree.data.round_index import read_scores
 from megatron_tfree.multiround.score import score_checkpoint
 
 
