@@ -84,3 +84,11 @@ def _destroy_process_group_at_exit():
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def extensions_dir(request, tmp_path_factory):
+    """Where the kernels are JIT-built: the pytest cache (kept between sessions), or a session temp dir
+    when the cache plugin is off (``-p no:cacheprovider``)."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions")

@@ -36,10 +36,10 @@ def load_cuda_ops(build_root: Path):
 
 
 @pytest.fixture(scope="module")
-def cu(request):
+def cu(extensions_dir):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    return load_cuda_ops(Path(request.config.cache.mkdir("torch_extensions")))
+    return load_cuda_ops(Path(extensions_dir))
 
 
 DEV = "cuda"

@@ -16,10 +16,10 @@ from megatron_tfree.tokenizer.dictionary import DecodeDictionary
 
 
 @pytest.fixture(scope="module")
-def ext(request):
+def ext(extensions_dir):
     previous = ops.backend_name()
     try:
-        mod = extension.load(build_root=request.config.cache.mkdir("torch_extensions"))
+        mod = extension.load(build_root=extensions_dir)
     except extension.ExtensionBuildError as e:
         pytest.fail(str(e))
     ops.set_backend("cpp")
