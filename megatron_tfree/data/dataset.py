@@ -145,9 +145,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
         meta = getattr(self.aligned, "path_meta", None)
         if meta is None or not Path(meta).is_file():
             return None
-        cfg = {k: v for k, v in self.tokenizer.config_dict().items() if k != "cache_size"}
-        key = json.dumps({"v": UNITS_CACHE_VERSION, "tokenizer": cfg, "index": Path(meta).read_text(encoding="utf-8")},
-                         sort_keys=True, default=str)
+        key = json.dumps({"v": UNITS_CACHE_VERSION, "tokenizer": self.tokenizer.identity(),
+                          "index": Path(meta).read_text(encoding="utf-8")}, sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
         return Path(f"{self.aligned.prefix}.aligned_{self.aligned.max_bytes}.units-{digest}.npy")
 

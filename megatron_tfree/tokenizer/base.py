@@ -105,6 +105,13 @@ class Tokenizer(abc.ABC):
     def config_dict(self) -> dict[str, Any]:
         """What :meth:`save` writes; enough to rebuild an identical tokenizer."""
 
+    def identity(self) -> str:
+        """A string that differs between tokenizers that split or number text differently (caches of
+        per-item unit counts are keyed on it): the settings of :meth:`config_dict`, except the cache size."""
+        import json
+
+        return json.dumps({k: v for k, v in self.config_dict().items() if k != "cache_size"}, sort_keys=True, default=str)
+
     @abc.abstractmethod
     def save(self, directory: str | Path) -> None:
         """Write the tokenizer's config (and files) into ``directory`` (beside a checkpoint)."""

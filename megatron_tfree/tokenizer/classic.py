@@ -184,6 +184,12 @@ class ClassicTokenizer(Tokenizer):
     def config_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "tokenizer_file": TOKENIZER_FILE, "end_of_text": self._eot, "vocab_size": self._v}
 
+    def identity(self) -> str:
+        """The settings plus a hash of the whole ``tokenizer.json``: two BPEs of one size differ by their merges."""
+        import hashlib
+
+        return super().identity() + hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
+
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory``."""
         directory = Path(directory)

@@ -136,6 +136,14 @@ def test_unit_counts_are_cached_beside_the_index(tmp_path, tok, monkeypatch):
     other = TrigramTokenizer(vocab_size=256, vocab_population=2, lowercase=True)
     PretrainingDataset(aligned, other, S, seed=0)  # another tokenizer config, another cache file
     assert len(list(prefix.parent.glob(f"{prefix.name}.aligned_48.units-*.npy"))) == 2
+    # two BPEs of the same size (the same config_dict) but other merges: other counts, another file
+    a = ClassicTokenizer.train(DOCS * 3, vocab_size=300)
+    b = ClassicTokenizer.train([" ".join(reversed(d.split())) for d in DOCS] * 3, vocab_size=300)
+    assert a.config_dict() == b.config_dict() and a.identity() != b.identity()
+    ca, cb = PretrainingDataset(aligned, a, S, seed=0), PretrainingDataset(aligned, b, S, seed=0)
+    assert len(list(prefix.parent.glob(f"{prefix.name}.aligned_48.units-*.npy"))) == 4
+    assert not np.array_equal(ca.item_units, cb.item_units)
+    assert np.array_equal(cb.item_units, PretrainingDataset(aligned, b, S, seed=0, cache_units=False).item_units)
 
 
 # -- finetuning ---------------------------------------------------------------------------------
