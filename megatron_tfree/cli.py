@@ -21,6 +21,20 @@ def layout_arg(text: str) -> tuple[int, int, int]:
     return tp, pp, dp
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug``: show the traceback of an expected error instead of one line (see :func:`apply_debug`)."""
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected error (also MEGATRON_TFREE_DEBUG=1) instead of one line")
+
+
+def apply_debug(args: argparse.Namespace) -> None:
+    """Honour ``--debug`` for the rest of the process (and its children)."""
+    if getattr(args, "debug", False):
+        import os
+
+        os.environ["MEGATRON_TFREE_DEBUG"] = "1"
+
+
 def run_tool(prog: str, body: Callable[[], str]) -> int:
     """Run ``body``; print what it returns (exit code 0), or for an expected problem (a missing or existing
     path, a bad value or config, an unsupported case) one line ``prog: error: ...`` on stderr (code 2)."""

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_tfree.cli import run_tool
+from megatron_tfree.cli import add_debug_flag, apply_debug, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,16 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="even: first, last and evenly spaced blocks; importance: loss increase when skipped")
     p.add_argument("--calibration", type=int, default=4, help="micro-batches for taylor / importance")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.debug:
-        import os
-
-        os.environ["MEGATRON_TFREE_DEBUG"] = "1"
+    apply_debug(args)
 
     def run() -> str:
         from megatron_tfree.checkpoint import CheckpointReader

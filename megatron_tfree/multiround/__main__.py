@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from megatron_tfree.cli import run_tool
+from megatron_tfree.cli import add_debug_flag, apply_debug, run_tool
 
 
 def _score_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], str]:
@@ -93,14 +93,11 @@ VERBS = {"score": ("one loss per training batch of an epoch with a frozen checkp
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_tfree.multiround", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     runners = {name: make(sub.add_parser(name, help=help, description=help)) for name, (help, make) in VERBS.items()}
     args = parser.parse_args(argv)
-    if args.debug:
-        import os
-
-        os.environ["MEGATRON_TFREE_DEBUG"] = "1"
+    apply_debug(args)
     return run_tool(f"multiround {args.verb}", lambda: runners[args.verb](args))
 
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from megatron_tfree.cli import run_tool
+from megatron_tfree.cli import add_debug_flag, apply_debug, run_tool
 
 VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], str]]]] = {}
 
@@ -270,16 +270,13 @@ def _soft(p: argparse.ArgumentParser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_tfree.toklab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     runners = {}
     for name, (help, make) in VERBS.items():
         runners[name] = make(sub.add_parser(name, help=help, description=help))
     args = parser.parse_args(argv)
-    if args.debug:
-        import os
-
-        os.environ["MEGATRON_TFREE_DEBUG"] = "1"
+    apply_debug(args)
     return run_tool(f"toklab {args.verb}", lambda: runners[args.verb](args))
 
 
