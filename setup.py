@@ -114,6 +114,7 @@ setup(
             "megatron-tfree-toklab=megatron_tfree.toklab.__main__:main",
             "megatron-tfree-inherit=megatron_tfree.inherit.__main__:main",
             "megatron-tfree-multiround=megatron_tfree.multiround.__main__:main",
+            "megatron-tfree-compare=megatron_tfree.compare.__main__:main",
         ],
     },
 )
