@@ -252,6 +252,13 @@ class _Override:
     parsed: Any
 
 
+def build_section(cls: type, data: Any, prefix: str, source: str) -> Any:
+    """An instance of the dataclass ``cls`` from the mapping ``data``, with the checks the config's own
+    sections get (unknown keys, types; errors name ``prefix + key`` and ``source``): for tools whose YAML
+    carries a section of their own beside the config's (e.g. ``compare:``)."""
+    return _build(cls, data, prefix, source)
+
+
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(data, dict):

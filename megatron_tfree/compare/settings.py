@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from megatron_tfree.config import ConfigError, _build, apply_overrides
+from megatron_tfree.config import ConfigError, apply_overrides, build_section
 
 SECTION = "compare"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -156,7 +156,7 @@ def load(path: str | Path, overrides: Optional[list[str]] = None) -> CompareConf
                           "(see megatron_tfree/compare/settings.py)")
     wrapped = apply_overrides({SECTION: section}, mine)[SECTION]
     arms = _arms(wrapped.pop("arms", None), source)
-    settings = _build(CompareSettings, wrapped, prefix=f"{SECTION}.", source=source)
+    settings = build_section(CompareSettings, wrapped, prefix=f"{SECTION}.", source=source)
     _validate(settings, source)
     cc = CompareConfig(settings, arms, data, others, source)
     for name in (settings.reference, settings.baseline):
