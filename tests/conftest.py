@@ -92,3 +92,15 @@ def extensions_dir(request, tmp_path_factory):
     when the cache plugin is off (``-p no:cacheprovider``)."""
     cache = getattr(request.config, "cache", None)
     return cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a busy 2-core machine: one torch thread is several times faster than two
+    contending ones. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

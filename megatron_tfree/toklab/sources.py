@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 PROBE_DIR = Path(__file__).resolve().parent / "probe"
 PROBE_LANGUAGES = ("en", "de", "ru", "vi", "ar", "zh", "code")
@@ -143,3 +143,15 @@ def mix(sources: Sequence[Source], weights: Sequence[float] | None = None, total
                 break
             yield doc[:budget]
             budget -= len(doc)
+
+
+def batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``texts`` in lists of ``size`` (the last one shorter), for the batch encoders of ``tokenizers``."""
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

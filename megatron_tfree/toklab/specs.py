@@ -25,6 +25,7 @@ import numpy as np
 
 from .metrics import Tally, near_duplicate_share
 from .presets import GPT2, identify
+from .sources import batches
 
 
 def pretoken_counts(texts: Iterable[str], pattern: str, specials: Sequence[str] = ()) -> tuple[Counter, Tally]:
@@ -68,17 +69,6 @@ def _split_pattern(config: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _batches(texts: Iterable[str], size: int = 64):
-    batch = []
-    for t in texts:
-        batch.append(t)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class BpeSpec:
     kind = "bpe"
 
@@ -120,7 +110,7 @@ class BpeSpec:
     def tally(self, texts: Iterable[str]) -> Tally:
         """Encode whole documents (any tokenizer)."""
         t = Tally(id_counts=np.zeros(self.vocab_size, dtype=np.int64))
-        for batch in _batches(texts):
+        for batch in batches(texts, 64):
             for text, enc in zip(batch, self.tokenizer.encode_batch_fast(batch, add_special_tokens=False)):
                 t.add_text(text)
                 t.units += len(enc.ids)

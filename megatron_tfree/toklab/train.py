@@ -16,27 +16,16 @@ from typing import Any, Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from .presets import pre_tokenizer
-from .sources import Source, mix
+from .sources import Source, batches, mix
 
 END_OF_TEXT = "<|endoftext|>"
-
-
-def _batches(texts: Iterator[str], size: int = 16) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for t in texts:
-        batch.append(t)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def check_round_trip(tokenizer: Any, texts: Iterator[str], progress: bool = False) -> int:
     """Encode and decode every text (batched); raise ValueError naming the first text that does not come
     back exactly; returns the number checked."""
     n = 0
-    for batch in tqdm(_batches(texts), desc="round trip", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(batches(texts, 16), desc="round trip", unit="batch", disable=not progress, leave=False):
         encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets: several times faster
         encodings = encode(batch, add_special_tokens=False)
         decoded = tokenizer.decode_batch([e.ids for e in encodings], skip_special_tokens=False)

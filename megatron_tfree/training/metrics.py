@@ -149,12 +149,7 @@ def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out_path)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save(fig, out_path, dpi=100)
 
 
 def eval_curve(run_dirs: list[str | os.PathLike], key: str = "bits_per_byte") -> list[tuple[int, float]]:
@@ -193,9 +188,16 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], out_path: str | os.P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return _save(fig, out_path, dpi=110)
+
+
+def _save(fig, out_path: str | os.PathLike, dpi: int) -> Path:
+    """Write ``fig`` to ``out_path`` atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out_path)
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, out)
     return out

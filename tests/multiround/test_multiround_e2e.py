@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_tfree.data.dataset import PretrainingDataset
 from megatron_tfree.multiround import make_sample_index, read_scores
@@ -14,12 +13,7 @@ from megatron_tfree.multiround.score import score_checkpoint
 from megatron_tfree.training.loop import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_one_round(cfg_factory, tmp_path, monkeypatch):

@@ -19,13 +19,7 @@ from megatron_tfree.toklab.specs import vocab_bytes
 FAST = dict(hidden=32, layers=1, heads=4, batch_size=128, lr=3e-3, warmup=20, holdout=0.2, log_every=20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is much faster than two contending ones (and keeps timings stable)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
